@@ -1,0 +1,82 @@
+"""HuggingFace checkpoint directories: config.json + model.safetensors (or a sharded index) + tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lutq.checkpoint.base import Checkpoint, TensorInfo
+from lutq.checkpoint.safetensors_io import SafetensorsFile
+from lutq.config import ModelConfig
+from lutq.errors import CheckpointError
+
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(path, "missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"malformed JSON ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror}") from None
+
+
+class HFCheckpoint(Checkpoint):
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config = ModelConfig.from_hf_dict(read_json(self.path / "config.json"), str(self.path / "config.json"))
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, SafetensorsFile] = {}
+        single, index = self.path / "model.safetensors", self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(index, "no valid 'weight_map'")
+            for shard in sorted(set(weight_map.values())):
+                if "/" in shard or "\\" in shard or shard.startswith("."):
+                    raise CheckpointError(index, f"shard name {shard!r} points outside the directory")
+                if not (self.path / shard).exists():
+                    raise CheckpointError(self.path / shard, "shard named in the index is missing")
+                self._files[shard] = SafetensorsFile(self.path / shard)
+            for name, shard in weight_map.items():
+                if name not in self._files[shard].entries:
+                    raise CheckpointError(self.path / shard, f"tensor {name!r} listed in the index is not in this shard")
+                self._where[name] = self._files[shard]
+        elif single.exists():
+            f = self._files["model.safetensors"] = SafetensorsFile(single)
+            self._where = {name: f for name in f.entries}
+        else:
+            pickles = [n for n in PICKLE_NAMES if (self.path / n).exists()]
+            if pickles:
+                raise CheckpointError(self.path / pickles[0], "pickle weights are never loaded (unsafe); convert the checkpoint to safetensors")
+            raise CheckpointError(self.path, "no model.safetensors or model.safetensors.index.json")
+
+    def tensors(self) -> list[TensorInfo]:
+        out = []
+        for name, f in self._where.items():
+            dtype, shape, begin, end = f.entries[name]
+            out.append(TensorInfo(name, shape, dtype, end - begin))
+        return out
+
+    def load(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise CheckpointError(self.path, f"tensor {name!r} is missing")
+        return self._where[name].load_f32(name)
+
+    def tokenizer_dir(self) -> Path:
+        if not (self.path / "tokenizer.json").exists():
+            raise CheckpointError(self.path / "tokenizer.json", "missing (lutq needs a fast tokenizer file)")
+        return self.path
+
+    def file_bytes(self) -> int:
+        return sum(f.path.stat().st_size for f in self._files.values())
+
+    def close(self):
+        for f in self._files.values():
+            f.close()

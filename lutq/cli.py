@@ -1,0 +1,200 @@
+"""The `lutq` command line: argument parsing, rich output and error messages; the work happens in the library.
+
+Heavy modules (numpy, numba, transformers) are imported inside the commands, so `--help` answers at once and
+`--threads` can set the thread pools' sizes before they start.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from lutq.errors import LutqError
+
+app = typer.Typer(
+    name="lutq",
+    help="Low-bit LLM quantization and lookup-table inference for CPUs.\n\nExample: lutq generate smollm2-135m -p \"The capital of France is\"",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+MODEL_HELP = "An HF directory, a .gguf file, or a built-in name (smollm2-135m)."
+
+
+def set_threads(threads: int) -> None:
+    """Size every thread pool before numpy/numba load their libraries (they read these once, at start)."""
+    if threads < 1:
+        raise LutqError(f"--threads must be >= 1, got {threads}")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+def sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed):
+    from lutq.runtime.sampling import SamplingParams
+
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    params.validate()
+    return params
+
+
+def load(model: str, max_seq: int | None):
+    """(checkpoint, runnable model, tokenizer) for MODEL."""
+    from lutq.checkpoint import open_checkpoint
+    from lutq.runtime.model import load_model
+    from lutq.runtime.tokenizer import Tokenizer
+
+    ckpt = open_checkpoint(model)
+    tokenizer = Tokenizer(ckpt.tokenizer_dir(), ckpt.config.eos_token_ids)
+    return ckpt, load_model(ckpt, max_seq), tokenizer
+
+
+def print_stats(res) -> None:
+    err.print(
+        f"[dim]prompt: {res.prompt_tokens} tokens, {res.prefill_tps:.1f} tokens/s | "
+        f"decode: {len(res.tokens)} tokens, {res.decode_tps:.1f} tokens/s | stop: {res.stop_reason}[/dim]"
+    )
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt text."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Keep the most likely tokens up to this probability mass (1: off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top probability (0: off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Penalise tokens already present (1: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for reproducible sampling."),
+    stop: List[str] = typer.Option([], "--stop", help="Stop when this string appears (repeatable)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template as a user turn."),
+    threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
+):
+    """Generate text from a prompt and print prompt and decode speed.
+
+    Example: lutq generate smollm2-135m -p "The capital of France is" -n 20 --temperature 0
+    """
+    set_threads(threads)
+    if max_tokens < 1:
+        raise LutqError(f"--max-tokens must be >= 1, got {max_tokens}")
+    params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    from lutq.checkpoint import open_checkpoint
+    from lutq.runtime.generate import generate as run
+    from lutq.runtime.model import load_model
+    from lutq.runtime.tokenizer import Tokenizer
+
+    ckpt = open_checkpoint(model)
+    tokenizer = Tokenizer(ckpt.tokenizer_dir(), ckpt.config.eos_token_ids)
+    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
+    net = load_model(ckpt, len(ids) + max_tokens)  # a KV cache just large enough
+    if not chat:
+        out.print(prompt, end="", markup=False)
+    res = run(net, tokenizer, ids, max_tokens, params, stop, on_text=lambda s: out.print(s, end="", markup=False))
+    out.print()
+    print_stats(res)
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="A system prompt."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per reply."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (1: off)."),
+    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min-p x the top probability (0: off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Penalise tokens already present (1: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    ctx: int = typer.Option(4096, "--ctx", help="Context window for the conversation, in tokens."),
+    threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
+):
+    """Chat with a model interactively, using its chat template. Empty line or Ctrl-D ends; /reset starts over.
+
+    Example: lutq chat smollm2-135m --temperature 0.5
+    """
+    set_threads(threads)
+    params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    from lutq.runtime.generate import generate as run
+
+    ckpt, net, tokenizer = load(model, ctx)
+    if not tokenizer.has_chat_template:
+        raise LutqError(f"{model}: the tokenizer has no chat template; use `lutq generate`")
+    start = [{"role": "system", "content": system}] if system else []
+    messages, cached = list(start), []  # cached: the token ids whose keys/values are in the model's cache
+    err.print(f"[dim]{model} loaded; empty line or Ctrl-D to quit, /reset to start over[/dim]")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            messages, cached = list(start), []
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.encode_chat(messages)
+        # Reuse the cache for the part of the conversation it already holds; run only what is new.
+        same = next((i for i, (a, b) in enumerate(zip(ids, cached)) if a != b), min(len(ids), len(cached)))
+        same = min(same, len(ids) - 1)
+        net.pos = same
+        try:
+            res = run(net, tokenizer, ids[same:], max_tokens, params, on_text=lambda s: out.print(s, end="", markup=False),
+                      keep_cache=True)
+        except LutqError as e:
+            err.print(f"[red]{e}[/red] (use /reset)")
+            messages.pop()
+            continue
+        out.print()
+        print_stats(res)
+        cached = (ids + res.tokens)[: net.pos]
+        messages.append({"role": "assistant", "content": res.text})
+
+
+@app.command()
+def inspect(model: str = typer.Argument(..., help=MODEL_HELP)):
+    """Show a model's architecture, tensor shapes and types, parameter count and size on disk.
+
+    Example: lutq inspect smollm2-135m
+    """
+    from lutq.checkpoint import open_checkpoint
+    from lutq.inspect import render
+
+    with open_checkpoint(model) as ckpt:
+        out.print(render(ckpt))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except LutqError as e:
+        err.print(f"error: {e}", markup=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted", markup=False)
+        sys.exit(130)
+    except click.UsageError as e:
+        err.print(f"error: {e.format_message()}", markup=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

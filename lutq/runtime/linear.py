@@ -1,0 +1,34 @@
+"""Linear layers the runtime calls. `DenseLinear` is the fp32 reference; quantized layers offer the same call."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class DenseLinear:
+    """y = x @ W.T + b with W: f32[out, in] kept in HF layout (BLAS reads the transpose without copying)."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None):
+        self.weight = np.ascontiguousarray(weight, dtype=np.float32)
+        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        self.out_features, self.in_features = self.weight.shape
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x: f32[T, in] -> f32[T, out]."""
+        y = x @ self.weight.T
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+    @classmethod
+    def fuse(cls, parts: list[tuple[np.ndarray, np.ndarray | None]]) -> "DenseLinear":
+        """One layer computing several that read the same input (q/k/v, gate/up): rows stacked, one GEMM instead of many."""
+        weight = np.concatenate([w for w, _ in parts], axis=0)
+        if all(b is None for _, b in parts):
+            return cls(weight)
+        bias = np.concatenate([np.zeros(w.shape[0], np.float32) if b is None else b for w, b in parts])
+        return cls(weight, bias)

@@ -1,0 +1,69 @@
+"""Tiny random checkpoints built by the tests themselves (nothing is downloaded): HF models via transformers, a
+small byte-level BPE tokenizer trained on the spot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. The capital of France is Paris. "
+    "A small model runs on a small computer. Numbers: 0 1 2 3 4 5 6 7 8 9. "
+) * 4
+
+
+def make_tokenizer(path: Path, vocab_size: int = 300) -> int:
+    """A byte-level BPE tokenizer.json + tokenizer_config.json with a ChatML template; returns its vocab size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    template = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
+                "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "chat_template": template}))
+    return tok.get_vocab_size()
+
+
+def make_hf_model(path: Path, arch: str = "llama", tie: bool = False, rope_scaling: dict | None = None,
+                  dtype: str = "float32", seed: int = 0, vocab_size: int | None = None, **overrides):
+    """Save a tiny random model (GQA: 4 heads, 2 kv heads) with a tokenizer to `path`; returns the torch model."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    vocab = make_tokenizer(path) if vocab_size is None else vocab_size
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+                  bos_token_id=1, eos_token_id=2)
+    common.update(overrides)
+    if arch == "llama":
+        rope = {"rope_type": "default", "rope_theta": 10000.0}
+        if rope_scaling:
+            rope = {**rope_scaling, "rope_theta": 500000.0}
+        config = transformers.LlamaConfig(**common, rope_parameters=rope)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():  # a visible spread of weights, so errors cannot hide under tiny activations
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.08)
+    model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
+    return model.float()
