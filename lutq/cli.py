@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -26,6 +25,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True, highlight=False)
+# typer has vendored click since 0.20; reach click's exception classes through typer's own so either works.
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 out = Console(highlight=False)
 
 MODEL_HELP = "An HF directory, a .gguf file, or a built-in name (smollm2-135m)."
@@ -61,7 +62,8 @@ def load(model: str, max_seq: int | None):
 def print_stats(res) -> None:
     err.print(
         f"[dim]prompt: {res.prompt_tokens} tokens, {res.prefill_tps:.1f} tokens/s | "
-        f"decode: {len(res.tokens)} tokens, {res.decode_tps:.1f} tokens/s | stop: {res.stop_reason}[/dim]"
+        f"decode: {len(res.tokens)} tokens, {res.decode_tps:.1f} tokens/s | stop: {res.stop_reason}[/dim]",
+        soft_wrap=True,
     )
 
 
@@ -181,13 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     except LutqError as e:
         err.print(f"error: {e}", markup=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("aborted", markup=False)
         sys.exit(130)
-    except click.UsageError as e:
-        err.print(f"error: {e.format_message()}", markup=False, soft_wrap=True)
+    except UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `lutq` alone: the help text, not an error
+            out.print(e.format_message(), markup=False)
+            sys.exit(0)
+        command = f"lutq {e.ctx.info_name} " if e.ctx is not None and e.ctx.parent is not None else "lutq "
+        err.print(f"error: {e.format_message()} (see: {command}--help)", markup=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)

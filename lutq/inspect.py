@@ -67,7 +67,7 @@ def render(ckpt: Checkpoint) -> Group:
         summary.add_row(key, str(value))
     table = Table(title="tensors", title_justify="left")
     for col, justify in (("name", "left"), ("shape", "left"), ("dtype", "left"), ("count", "right"), ("size", "right")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, overflow="fold")
     for pattern, shape, dtype, count, nbytes in grouped_tensors(ckpt):
         table.add_row(pattern, "x".join(map(str, shape)), dtype, str(count), human_bytes(nbytes))
     return Group(summary, table)

@@ -57,6 +57,8 @@ class HFCheckpoint(Checkpoint):
                 raise CheckpointError(self.path / pickles[0], "pickle weights are never loaded (unsafe); convert the checkpoint to safetensors")
             raise CheckpointError(self.path, "no model.safetensors or model.safetensors.index.json")
 
+    format_name = "HF safetensors"
+
     def tensors(self) -> list[TensorInfo]:
         out = []
         for name, f in self._where.items():

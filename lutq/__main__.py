@@ -1,0 +1,5 @@
+"""`python -m lutq` runs the command line."""
+
+from lutq.cli import main
+
+main()
