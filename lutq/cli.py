@@ -60,6 +60,7 @@ def load(model: str, max_seq: int | None):
 
 
 def print_stats(res) -> None:
+    sys.stdout.flush()  # the generated text first, then the figures, also when both go to one pipe
     err.print(
         f"[dim]prompt: {res.prompt_tokens} tokens, {res.prefill_tps:.1f} tokens/s | "
         f"decode: {len(res.tokens)} tokens, {res.decode_tps:.1f} tokens/s | stop: {res.stop_reason}[/dim]",

