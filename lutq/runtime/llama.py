@@ -2,10 +2,10 @@
 
 Read it like llama2.c's `forward`: one function, top to bottom, shapes beside each step. A prompt is processed in one
 batched pass (prefill, T tokens at once); generation then runs the same code with T = 1 (decode). Keys and values live
-in a cache allocated once for `max_seq` positions.
+in a cache allocated once for `max_seq` positions (lutq/runtime/attention.py).
 
-Shapes: T tokens this call, P = start position, S = P + T positions attended to, D = hidden_size, H heads, KV key/value
-heads, G = H / KV queries per key/value head (grouped-query attention), hd = head_dim, F = intermediate_size, V = vocab.
+Shapes: T tokens this call, D = hidden_size, H heads, KV key/value heads, hd = head_dim, F = intermediate_size,
+V = vocab_size.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 
 from lutq.checkpoint.base import Checkpoint
 from lutq.config import ModelConfig
-from lutq.errors import CheckpointError, LutqError
+from lutq.errors import CheckpointError
+from lutq.runtime.attention import KVCache
 from lutq.runtime.linear import DenseLinear
-from lutq.runtime.rope import apply_rope, rope_tables
 
 
 @dataclass
@@ -44,119 +44,104 @@ def silu(x: np.ndarray) -> np.ndarray:
 class LlamaModel:
     def __init__(self, config: ModelConfig, embed: np.ndarray, layers: list[LlamaLayer], norm: np.ndarray,
                  lm_head: DenseLinear, max_seq: int):
-        cfg = self.config = config
+        self.config = config
         self.embed = embed  # f32[V, D]
         self.layers = layers
         self.norm = norm  # f32[D]
         self.lm_head = lm_head  # D -> V (the embedding itself when tied)
-        self.max_seq = max_seq
-        n_layers, kv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-        # The KV cache, allocated once: [layer, kv head, position, hd], so one head's keys are contiguous for q @ K^T.
-        self.k_cache = np.zeros((n_layers, kv, max_seq, hd), np.float32)
-        self.v_cache = np.zeros((n_layers, kv, max_seq, hd), np.float32)
-        self.cos, self.sin = rope_tables(cfg, max_seq)  # f32[max_seq, hd/2]
-        self.pos = 0  # positions filled in the cache
+        self.cache = KVCache(config, max_seq)
+
+    @property
+    def max_seq(self) -> int:
+        return self.cache.max_seq
+
+    @property
+    def pos(self) -> int:
+        return self.cache.pos
+
+    @pos.setter
+    def pos(self, value: int) -> None:
+        self.cache.pos = value
 
     def reset(self) -> None:
-        self.pos = 0
+        self.cache.pos = 0
 
     def forward(self, tokens: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        """Run tokens: i64[T] at positions pos..pos+T-1, append their keys/values to the cache.
+        """Run tokens: i64[T] at the next T positions, appending their keys/values to the cache.
 
         Returns f32[T, V] logits when all_logits (perplexity, parity tests), else f32[V] for the last token only.
         """
-        cfg = self.config
-        T, P = len(tokens), self.pos
-        S = P + T
-        if S > self.max_seq:
-            raise LutqError(f"context full: {S} tokens exceed the context window of {self.max_seq}")
-        H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        G, eps = H // KV, cfg.rms_norm_eps
-        cos, sin = self.cos[P:S], self.sin[P:S]  # f32[T, hd/2]
-        # Causal mask for the new queries: query t (position P+t) sees keys 0..P+t.
-        mask = None
-        if T > 1:
-            mask = np.triu(np.full((T, S), -np.inf, np.float32), k=P + 1)  # f32[T, S]
-
+        eps, T = self.config.rms_norm_eps, len(tokens)
+        self.cache.check_room(T)
+        mask = self.cache.causal_mask(T)  # f32[T, S] or None
         x = self.embed[tokens].astype(np.float32)  # f32[T, D]
-        for li, layer in enumerate(self.layers):
-            # --- attention: h = x + o_proj(attn(rope(q), rope(k), v)) ---
+        for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, eps)  # f32[T, D]
-            qkv = layer.qkv_proj(h)  # f32[T, (H + 2KV) * hd]
-            q = qkv[:, : H * hd].reshape(T, H, hd)
-            k = qkv[:, H * hd : (H + KV) * hd].reshape(T, KV, hd)
-            v = qkv[:, (H + KV) * hd :].reshape(T, KV, hd)
-            q = np.ascontiguousarray(q)
-            k = np.ascontiguousarray(k)
-            apply_rope(q, cos, sin)
-            apply_rope(k, cos, sin)
-            self.k_cache[li, :, P:S] = k.transpose(1, 0, 2)  # [KV, T, hd]
-            self.v_cache[li, :, P:S] = v.transpose(1, 0, 2)
-            keys, values = self.k_cache[li, :, :S], self.v_cache[li, :, :S]  # f32[KV, S, hd]
-            # Group the G query heads that share a key/value head: [KV, G*T, hd], rows ordered (g, t).
-            qg = q.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)
-            scores = qg @ keys.transpose(0, 2, 1)  # f32[KV, G*T, S]
-            scores *= 1.0 / np.sqrt(hd)
-            if mask is not None:
-                scores = scores.reshape(KV, G, T, S)
-                scores += mask
-                scores = scores.reshape(KV, G * T, S)
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=-1, keepdims=True)
-            att = scores @ values  # f32[KV, G*T, hd]
-            att = att.reshape(KV, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)  # heads back in order
+            att = self.cache.attend(i, layer.qkv_proj(h), mask)  # f32[T, H*hd]
             x = x + layer.o_proj(att)  # f32[T, D]
-            # --- MLP: x = x + down(silu(gate(h)) * up(h)) ---
             h = rms_norm(x, layer.post_attention_norm, eps)
             gate_up = layer.gate_up_proj(h)  # f32[T, 2F]
             F = gate_up.shape[1] // 2
             x = x + layer.down_proj(silu(gate_up[:, :F]) * gate_up[:, F:])  # f32[T, D]
-
-        self.pos = S
+        self.cache.pos += T
         if not all_logits:
             x = x[-1:]
         logits = self.lm_head(rms_norm(x, self.norm, eps))  # f32[T or 1, V]
         return logits if all_logits else logits[0]
 
 
-def load_llama(ckpt: Checkpoint, max_seq: int | None = None) -> LlamaModel:
-    """Build the fp32 model from a checkpoint, reading one tensor at a time."""
-    cfg = ckpt.config
-    shapes = {t.name: t.shape for t in ckpt.tensors()}
-    D, H, KV, hd, F, V = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                          cfg.intermediate_size, cfg.vocab_size)
+class TensorSource:
+    """Reads a checkpoint's tensors, checking each against the shape the config implies."""
 
-    def get(name: str, shape: tuple[int, ...], optional: bool = False) -> np.ndarray | None:
-        if name not in shapes:
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.shapes = {t.name: t.shape for t in ckpt.tensors()}
+
+    def get(self, name: str, shape: tuple[int, ...], optional: bool = False) -> np.ndarray | None:
+        if name not in self.shapes:
             if optional:
                 return None
-            raise CheckpointError(ckpt.path, f"tensor {name!r} is missing")
-        if tuple(shapes[name]) != shape:
-            raise CheckpointError(ckpt.path, f"tensor {name!r} has shape {list(shapes[name])}, the config implies {list(shape)}")
-        return ckpt.load(name)
+            raise CheckpointError(self.ckpt.path, f"tensor {name!r} is missing")
+        if tuple(self.shapes[name]) != shape:
+            raise CheckpointError(self.ckpt.path, f"tensor {name!r} has shape {list(self.shapes[name])}, "
+                                                  f"the config implies {list(shape)}")
+        return self.ckpt.load(name)
 
-    embed = get("model.embed_tokens.weight", (V, D))
+    def linear(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(weight f32[rows, cols], bias f32[rows] or None) of the linear layer `name` (without .weight)."""
+        return self.get(name + ".weight", (rows, cols)), self.get(name + ".bias", (rows,), optional=True)
+
+    def lm_head(self, embed: np.ndarray) -> DenseLinear:
+        cfg = self.ckpt.config
+        if "lm_head.weight" in self.shapes:
+            return DenseLinear(self.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
+        if cfg.tie_word_embeddings:
+            return DenseLinear(embed)  # shares the embedding's memory
+        raise CheckpointError(self.ckpt.path, "tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
+
+
+def context_length(cfg: ModelConfig, max_seq: int | None) -> int:
+    return min(max_seq or cfg.max_position_embeddings, cfg.max_position_embeddings)
+
+
+def load_llama(ckpt: Checkpoint, max_seq: int | None = None) -> LlamaModel:
+    """Build the fp32 model from a checkpoint, reading one tensor at a time."""
+    cfg, src = ckpt.config, TensorSource(ckpt)
+    D, H, KV, hd, F, V = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                          cfg.intermediate_size, cfg.vocab_size)
+    embed = src.get("model.embed_tokens.weight", (V, D))
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        attn = [(get(p + f"self_attn.{n}_proj.weight", (rows, D)), get(p + f"self_attn.{n}_proj.bias", (rows,), True))
-                for n, rows in (("q", H * hd), ("k", KV * hd), ("v", KV * hd))]
-        mlp = [(get(p + f"mlp.{n}_proj.weight", (F, D)), get(p + f"mlp.{n}_proj.bias", (F,), True)) for n in ("gate", "up")]
         layers.append(LlamaLayer(
-            input_norm=get(p + "input_layernorm.weight", (D,)),
-            qkv_proj=DenseLinear.fuse(attn),
-            o_proj=DenseLinear(get(p + "self_attn.o_proj.weight", (D, H * hd)), get(p + "self_attn.o_proj.bias", (D,), True)),
-            post_attention_norm=get(p + "post_attention_layernorm.weight", (D,)),
-            gate_up_proj=DenseLinear.fuse(mlp),
-            down_proj=DenseLinear(get(p + "mlp.down_proj.weight", (D, F)), get(p + "mlp.down_proj.bias", (D,), True)),
+            input_norm=src.get(p + "input_layernorm.weight", (D,)),
+            qkv_proj=DenseLinear.fuse([src.linear(p + "self_attn.q_proj", H * hd, D),
+                                       src.linear(p + "self_attn.k_proj", KV * hd, D),
+                                       src.linear(p + "self_attn.v_proj", KV * hd, D)]),
+            o_proj=DenseLinear(*src.linear(p + "self_attn.o_proj", D, H * hd)),
+            post_attention_norm=src.get(p + "post_attention_layernorm.weight", (D,)),
+            gate_up_proj=DenseLinear.fuse([src.linear(p + "mlp.gate_proj", F, D), src.linear(p + "mlp.up_proj", F, D)]),
+            down_proj=DenseLinear(*src.linear(p + "mlp.down_proj", D, F)),
         ))
-    norm = get("model.norm.weight", (D,))
-    if "lm_head.weight" in shapes:
-        lm_head = DenseLinear(get("lm_head.weight", (V, D)))
-    elif cfg.tie_word_embeddings:
-        lm_head = DenseLinear(embed)  # shares the embedding's memory
-    else:
-        raise CheckpointError(ckpt.path, "tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
-    max_seq = min(max_seq or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    return LlamaModel(cfg, embed, layers, norm, lm_head, max_seq)
+    norm = src.get("model.norm.weight", (D,))
+    return LlamaModel(cfg, embed, layers, norm, src.lm_head(embed), context_length(cfg, max_seq))

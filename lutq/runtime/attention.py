@@ -1,0 +1,66 @@
+"""Grouped-query attention over a preallocated KV cache, shared by every architecture's forward pass.
+
+Shapes: T new tokens at positions P..P+T-1, S = P + T positions attended to, H query heads, KV key/value heads,
+G = H / KV query heads per key/value head, hd = head_dim.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lutq.config import ModelConfig
+from lutq.errors import LutqError
+from lutq.runtime.rope import apply_rope, rope_tables
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, max_seq: int):
+        self.max_seq = max_seq
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        shape = (cfg.num_hidden_layers, self.kv_heads, max_seq, self.head_dim)
+        # [layer, kv head, position, hd]: one head's keys are contiguous, so q @ K^T reads them in one sweep.
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.cos, self.sin = rope_tables(cfg, max_seq)  # f32[max_seq, hd/2]
+        self.pos = 0  # positions filled
+
+    def check_room(self, n: int) -> None:
+        if self.pos + n > self.max_seq:
+            raise LutqError(f"context full: {self.pos + n} tokens exceed the context window of {self.max_seq}")
+
+    def causal_mask(self, T: int) -> np.ndarray | None:
+        """f32[T, S]: query t (position P+t) sees keys 0..P+t; None for a single token, which sees everything."""
+        if T == 1:
+            return None
+        return np.triu(np.full((T, self.pos + T), -np.inf, np.float32), k=self.pos + 1)
+
+    def attend(self, layer: int, qkv: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """qkv: f32[T, (H + 2KV) * hd], q, k, v side by side -> attention output f32[T, H * hd].
+
+        Rotates q and k, appends k and v at positions P..P+T-1 of this layer's cache (P = self.pos; the caller
+        advances pos once all layers have run).
+        """
+        H, KV, hd = self.heads, self.kv_heads, self.head_dim
+        T, P = qkv.shape[0], self.pos
+        S, G = P + T, H // KV
+        q = np.ascontiguousarray(qkv[:, : H * hd]).reshape(T, H, hd)
+        k = np.ascontiguousarray(qkv[:, H * hd : (H + KV) * hd]).reshape(T, KV, hd)
+        v = qkv[:, (H + KV) * hd :].reshape(T, KV, hd)
+        apply_rope(q, self.cos[P:S], self.sin[P:S])
+        apply_rope(k, self.cos[P:S], self.sin[P:S])
+        self.k[layer, :, P:S] = k.transpose(1, 0, 2)  # [KV, T, hd]
+        self.v[layer, :, P:S] = v.transpose(1, 0, 2)
+        keys, values = self.k[layer, :, :S], self.v[layer, :, :S]  # f32[KV, S, hd]
+        # The G query heads sharing a key/value head form one batch: [KV, G*T, hd], rows ordered (g, t).
+        qg = q.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)
+        scores = qg @ keys.transpose(0, 2, 1)  # f32[KV, G*T, S]
+        scores *= 1.0 / np.sqrt(hd)
+        if mask is not None:
+            scores = scores.reshape(KV, G, T, S)
+            scores += mask
+            scores = scores.reshape(KV, G * T, S)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        att = scores @ values  # f32[KV, G*T, hd]
+        return att.reshape(KV, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)  # heads back in order
