@@ -12,7 +12,10 @@ from typing import Any
 
 from lutq.errors import CheckpointError
 
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                           "bitnet": "BitNetForCausalLM"}
+# The MLP activation each architecture is written for (relu2: squared ReLU, BitNet b1.58's).
+ACTIVATIONS = {"llama": ("silu", "swish"), "qwen2": ("silu", "swish"), "mistral": ("silu", "swish"), "bitnet": ("relu2",)}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -43,6 +46,11 @@ class ModelConfig:
         if not self.rope_scaling:
             return "default"
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def quantization_config(self) -> dict:
+        q = self.extra.get("quantization_config")
+        return q if isinstance(q, dict) else {}
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -92,9 +100,10 @@ class ModelConfig:
             raise CheckpointError(source, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
             raise CheckpointError(source, f"head_dim {head_dim!r} must be a positive even integer")
-        hidden_act = d.pop("hidden_act", "silu")
-        if hidden_act not in ("silu", "swish"):
-            raise CheckpointError(source, f"unsupported hidden_act {hidden_act!r} (supported: silu)")
+        hidden_act = d.pop("hidden_act", ACTIVATIONS[model_type][0])
+        if hidden_act not in ACTIVATIONS[model_type]:
+            raise CheckpointError(source, f"unsupported hidden_act {hidden_act!r} for {model_type} "
+                                          f"(supported: {', '.join(ACTIVATIONS[model_type])})")
         eps = d.pop("rms_norm_eps", 1e-6)
         theta = rope_theta if rope_theta is not None else 10000.0
         if not isinstance(eps, (int, float)) or not isinstance(theta, (int, float)) or eps <= 0 or theta <= 0:
@@ -115,7 +124,7 @@ class ModelConfig:
             tie_word_embeddings=bool(d.pop("tie_word_embeddings", False)),
             attention_bias=bool(d.pop("attention_bias", False)),
             mlp_bias=bool(d.pop("mlp_bias", False)),
-            hidden_act="silu",
+            hidden_act="silu" if hidden_act == "swish" else hidden_act,
             bos_token_id=d.pop("bos_token_id", None),
             eos_token_id=d.pop("eos_token_id", None),
         )

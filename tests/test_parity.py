@@ -85,3 +85,37 @@ def test_smollm2_gguf_matches_transformers(smollm2_gguf):
     assert rel_err(net.forward(np.asarray(ids), all_logits=True), ref) <= 1e-3
     prompt = ids[:5]
     assert greedy(net, prompt, 32) == hf_greedy(model, prompt, 32)
+
+
+BITNET_VARIANTS = {"autobitlinear-packed": ("autobitlinear", True), "autobitlinear-bf16": ("autobitlinear", False),
+                   "bitlinear-packed": ("bitlinear", True)}
+
+
+@pytest.fixture(scope="module", params=list(BITNET_VARIANTS))
+def bitnet(request, tmp_path_factory):
+    from tiny import make_bitnet_model
+
+    path = tmp_path_factory.mktemp(request.param)
+    return path, make_bitnet_model(path, *BITNET_VARIANTS[request.param])
+
+
+def test_bitnet_matches_transformers(bitnet):
+    """transformers' BitNet (8-bit activations, sub-norms, relu^2, weight_scale) on a tiny random ternary checkpoint."""
+    path, model = bitnet
+    ids = np.random.default_rng(4).integers(0, model.config.vocab_size, 70)
+    with torch.no_grad():
+        ref = model(torch.tensor(ids)[None]).logits[0].double().numpy()
+    net = load_model(open_checkpoint(path), 128)
+    assert rel_err(net.forward(ids, all_logits=True), ref) <= 1e-3
+    prompt = ids[:10].tolist()
+    assert greedy(net, prompt, 32) == hf_greedy(model, prompt, 32)
+
+
+def test_bitnet_weights_are_exactly_ternary_times_scale(bitnet):
+    path, model = bitnet
+    ckpt = open_checkpoint(path)
+    w = ckpt.load("model.layers.0.mlp.down_proj.weight")
+    info = {t.name: t for t in ckpt.tensors()}["model.layers.0.mlp.down_proj.weight"]
+    assert info.shape == (64, 160)
+    scale = np.abs(w).max()
+    assert set(np.unique(w / scale)) <= {-1.0, 0.0, 1.0}

@@ -67,3 +67,38 @@ def make_hf_model(path: Path, arch: str = "llama", tie: bool = False, rope_scali
                 p.normal_(0, 0.08)
     model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
     return model.float()
+
+
+def make_bitnet_model(path: Path, linear_class: str = "autobitlinear", packed: bool = True, seed: int = 0):
+    """A tiny random BitNet b1.58 checkpoint as transformers stores one (ternary weights, u8-packed when `packed`,
+    a bf16 weight_scale per linear layer), loaded back with transformers' BitNet; returns the fp32 torch model."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from lutq.checkpoint.bitnet_packing import pack_ternary
+
+    path = Path(path)
+    vocab = make_tokenizer(path)
+    config = transformers.BitNetConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    shapes = {n: tuple(t.shape) for n, t in transformers.BitNetForCausalLM(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith("proj.weight"):
+            ternary = torch.randint(-1, 2, shape, generator=gen)
+            tensors[name] = torch.from_numpy(pack_ternary(ternary.numpy())) if packed else ternary.to(torch.bfloat16)
+            scale = 0.02 + 0.05 * torch.rand(1, generator=gen)
+            tensors[name + "_scale"] = (1 / scale if linear_class == "bitlinear" else scale).to(torch.bfloat16)
+        elif "norm" in name:
+            tensors[name] = (0.5 + torch.rand(shape, generator=gen)).to(torch.bfloat16)
+        elif name != "lm_head.weight":  # tied
+            tensors[name] = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    d = config.to_dict()
+    d["quantization_config"] = {"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": "offline"}
+    (path / "config.json").write_text(json.dumps(d))
+    model = transformers.BitNetForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return torch.nn.Module.float(model)  # transformers refuses .float() on quantized models; the layers run fine in fp32

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lutq.checkpoint.base import Checkpoint, TensorInfo
+from lutq.checkpoint.bitnet_packing import effective_weight, unpack_ternary
 from lutq.checkpoint.safetensors_io import SafetensorsFile
 from lutq.config import ModelConfig
 from lutq.errors import CheckpointError
@@ -56,20 +57,40 @@ class HFCheckpoint(Checkpoint):
             if pickles:
                 raise CheckpointError(self.path / pickles[0], "pickle weights are never loaded (unsafe); convert the checkpoint to safetensors")
             raise CheckpointError(self.path, "no model.safetensors or model.safetensors.index.json")
+        # BitNet: `X.weight` (ternary, packed in u8 or plain) comes with `X.weight_scale`; lutq folds the scale into
+        # the weight it hands out, so every reader yields the weight the layer multiplies by.
+        self._bitnet_class = None
+        if self.config.quantization_config.get("quant_method") == "bitnet":
+            self._bitnet_class = self.config.quantization_config.get("linear_class", "bitlinear")
+        self._scales = {n[: -len("_scale")]: n for n in self._where if n.endswith(".weight_scale")}
+        if self._scales and self._bitnet_class is None:
+            raise CheckpointError(self.path / "config.json", "tensors carry weight_scale but quantization_config "
+                                                             "does not say quant_method 'bitnet'")
 
     format_name = "HF safetensors"
 
     def tensors(self) -> list[TensorInfo]:
         out = []
         for name, f in self._where.items():
+            if name.endswith(".weight_scale"):
+                continue  # folded into its weight
             dtype, shape, begin, end = f.entries[name]
+            if name in self._scales and dtype == "U8":
+                shape, dtype = (shape[0] * 4, *shape[1:]), "TERNARY"  # four 2-bit values a byte
             out.append(TensorInfo(name, shape, dtype, end - begin))
         return out
 
     def load(self, name: str) -> np.ndarray:
-        if name not in self._where:
+        if name not in self._where or name.endswith(".weight_scale"):
             raise CheckpointError(self.path, f"tensor {name!r} is missing")
-        return self._where[name].load_f32(name)
+        f = self._where[name]
+        if name not in self._scales:
+            return f.load_f32(name)
+        raw = f.raw(name)
+        ternary = unpack_ternary(raw) if raw.dtype == np.uint8 else f.load_f32(name)
+        scale_name = self._scales[name]
+        scale = self._where[scale_name].load_f32(scale_name)
+        return effective_weight(ternary, scale, self._bitnet_class, f"{f.path}: {scale_name}")
 
     def tokenizer_dir(self) -> Path:
         if not (self.path / "tokenizer.json").exists():

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from lutq.checkpoint.base import Checkpoint
+from lutq.runtime.bitnet import load_bitnet
 from lutq.runtime.llama import LlamaModel, load_llama
 
 
 def load_model(ckpt: Checkpoint, max_seq: int | None = None) -> LlamaModel:
     """The runnable model; max_seq bounds the KV cache (default: the config's context window)."""
+    if ckpt.config.model_type == "bitnet":
+        return load_bitnet(ckpt, max_seq)
     # llama, mistral and qwen2 share one forward pass; biases are found by tensor name.
     return load_llama(ckpt, max_seq)
