@@ -10,6 +10,7 @@ import numpy as np
 
 from lutq.config import ModelConfig
 from lutq.errors import LutqError
+from lutq.runtime.ops import decode_attention
 from lutq.runtime.rope import apply_rope, rope_tables
 
 
@@ -23,6 +24,7 @@ class KVCache:
         self.v = np.zeros(shape, np.float32)
         self.cos, self.sin = rope_tables(cfg, max_seq)  # f32[max_seq, hd/2]
         self.pos = 0  # positions filled
+        self.scores = np.empty(max_seq, np.float32)  # decode scratch
 
     def check_room(self, n: int) -> None:
         if self.pos + n > self.max_seq:
@@ -42,6 +44,10 @@ class KVCache:
         """
         H, KV, hd = self.heads, self.kv_heads, self.head_dim
         T, P = qkv.shape[0], self.pos
+        if T == 1:  # decode: one compiled pass instead of a dozen small numpy calls
+            out = np.empty((1, H * hd), np.float32)
+            decode_attention(qkv[0], self.k[layer], self.v[layer], self.cos[P], self.sin[P], P, self.scores, out[0])
+            return out
         S, G = P + T, H // KV
         q = np.ascontiguousarray(qkv[:, : H * hd]).reshape(T, H, hd)
         k = np.ascontiguousarray(qkv[:, H * hd : (H + KV) * hd]).reshape(T, KV, hd)

@@ -19,6 +19,7 @@ from lutq.config import ModelConfig
 from lutq.errors import CheckpointError
 from lutq.runtime.attention import KVCache
 from lutq.runtime.linear import DenseLinear
+from lutq.runtime.ops import rms_norm_into, silu_mul_into
 
 
 @dataclass
@@ -33,12 +34,16 @@ class LlamaLayer:
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x: f32[T, D] -> x / sqrt(mean(x^2) + eps) * weight."""
-    ms = np.einsum("td,td->t", x, x)[:, None] / x.shape[1]
-    return x * (1.0 / np.sqrt(ms + eps)) * weight
+    out = np.empty_like(x)
+    rms_norm_into(x, weight, eps, out)
+    return out
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
+def silu_mul(gate_up: np.ndarray) -> np.ndarray:
+    """gate_up: f32[T, 2F] = [gate | up] -> silu(gate) * up: f32[T, F]."""
+    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
+    silu_mul_into(gate_up, out)
+    return out
 
 
 class LlamaModel:
@@ -80,9 +85,7 @@ class LlamaModel:
             att = self.cache.attend(i, layer.qkv_proj(h), mask)  # f32[T, H*hd]
             x = x + layer.o_proj(att)  # f32[T, D]
             h = rms_norm(x, layer.post_attention_norm, eps)
-            gate_up = layer.gate_up_proj(h)  # f32[T, 2F]
-            F = gate_up.shape[1] // 2
-            x = x + layer.down_proj(silu(gate_up[:, :F]) * gate_up[:, F:])  # f32[T, D]
+            x = x + layer.down_proj(silu_mul(layer.gate_up_proj(h)))  # f32[T, D]
         self.cache.pos += T
         if not all_logits:
             x = x[-1:]
