@@ -23,6 +23,7 @@ import gguf
 import numpy as np
 
 from lutq.checkpoint.base import Checkpoint, TensorInfo
+from lutq.checkpoint.gguf_header import check_gguf_header
 from lutq.config import ModelConfig
 from lutq.errors import CheckpointError
 
@@ -64,6 +65,7 @@ def first_line(e: BaseException) -> str:
 
 
 def open_reader(path: Path) -> gguf.GGUFReader:
+    check_gguf_header(path)  # gguf's reader trusts counts and offsets; refuse a file whose header lies first
     try:
         return gguf.GGUFReader(path)
     except OSError as e:
