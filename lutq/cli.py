@@ -29,7 +29,8 @@ err = Console(stderr=True, highlight=False)
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 out = Console(highlight=False)
 
-MODEL_HELP = "An HF directory, a .gguf file, or a built-in name (smollm2-135m)."
+MODEL_HELP = ("An HF directory, a .gguf file, a lutq directory, a built-in name (smollm2-135m), or random:SHAPE "
+              "(a random-weight model: random:tinyllama-1.1b, random:llama3.2-1b, random:bitnet-2b).")
 
 
 def set_threads(threads: int) -> None:
@@ -92,7 +93,7 @@ def generate(
         raise LutqError(f"--max-tokens must be >= 1, got {max_tokens}")
     params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     from lutq.checkpoint import open_checkpoint
-    from lutq.runtime.generate import generate as run
+    from lutq.runtime.generate import check_prompt_fits, generate as run
     from lutq.runtime.model import load_model
     from lutq.runtime.tokenizer import Tokenizer
 
@@ -100,6 +101,7 @@ def generate(
     tokenizer = Tokenizer(ckpt.tokenizer_dir(), ckpt.config.eos_token_ids)
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
     net = load_model(ckpt, len(ids) + max_tokens)  # a KV cache just large enough
+    check_prompt_fits(net, len(ids))
     if not chat:
         out.print(prompt, end="", markup=False)
     res = run(net, tokenizer, ids, max_tokens, params, stop, on_text=lambda s: out.print(s, end="", markup=False))
@@ -175,6 +177,120 @@ def inspect(model: str = typer.Argument(..., help=MODEL_HELP)):
 
     with open_checkpoint(model) as ckpt:
         out.print(render(ckpt))
+
+
+def progress_bar():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
+
+
+@app.command()
+def quantize(
+    src: str = typer.Argument(..., help=MODEL_HELP),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="The lutq directory to write (must not exist)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="Format rules: DEFAULT[,GLOB=FORMAT...], e.g. "
+                                         "nf3,lm_head=int4,*.down_proj=int4. Formats: int2 int3 int4 nf2 nf3 nf4 "
+                                         "ternary ternary-group fineq int8 fp16; DEFAULT 'auto' with --bits-budget."),
+    group_size: int = typer.Option(64, "--group-size", "-g", help="Weights per scale group along K: 32, 64 or 128."),
+    bits_budget: Optional[float] = typer.Option(None, "--bits-budget", help="Choose a format per tensor to fit this "
+                                                "many bits/weight on average over the linear layers."),
+    no_refine: bool = typer.Option(False, "--no-refine", help="Plain min/max (absmax) rounding, no scale search."),
+    embed: str = typer.Option("fp16", "--embed", help="Token embedding: fp16 or int8."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
+):
+    """Quantize a model into a packed lutq directory.
+
+    Example: lutq quantize smollm2-135m smollm2-nf4 --format nf4,*.down_proj=int4
+    """
+    set_threads(threads)
+    from lutq.checkpoint import open_checkpoint
+    from lutq.quantize.convert import QuantizeOptions, quantize_checkpoint
+    from lutq.quantize.rules import parse_rules
+
+    if format is None and bits_budget is None:
+        raise LutqError("--format is required (or --bits-budget), e.g. --format nf4")
+    rules = parse_rules(format or "auto")
+    options = QuantizeOptions(rules, group_size, not no_refine, embed, bits_budget)
+    with open_checkpoint(src) as ckpt, progress_bar() as bar:
+        task = bar.add_task("quantize", total=None)
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, description=stage, completed=done, total=total)
+
+        report = quantize_checkpoint(ckpt, out_dir, options, force, on_progress)
+    summary = report.summary()
+    if as_json:
+        import json
+
+        out.print(json.dumps(summary), markup=False, soft_wrap=True)
+        return
+    from lutq.inspect import human_bytes
+    from rich.table import Table
+
+    table = Table(title=f"{src} -> {out_dir}", title_justify="left")
+    for col in ("format", "tensors", "params", "bits/weight", "mean rel. error", "size"):
+        table.add_column(col, justify="left" if col == "format" else "right")
+    for name, f in summary["formats"].items():
+        table.add_row(name, str(f["tensors"]), f"{f['params']:,}", f"{f['bits_per_weight']:.3f}",
+                      f"{f['mean_rel_error']:.4f}", human_bytes(f["bytes"]))
+    out.print(table)
+    out.print(f"size {human_bytes(summary['bytes_before'])} -> {human_bytes(summary['bytes'])} | "
+              f"linear layers {summary['bits_per_weight']:.3f} bits/weight, all tensors "
+              f"{summary['bits_per_weight_all']:.3f} | mean rel. error {summary['mean_rel_error']:.4f} | "
+              f"{summary['seconds']:.1f} s", markup=False, soft_wrap=True)
+
+
+@app.command()
+def eval(
+    model: str = typer.Argument(..., help=MODEL_HELP + " Or a lutq directory."),
+    text: Path = typer.Option(..., "--text", help="A UTF-8 text file to score, e.g. botchan.txt."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per window; windows do not overlap."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
+):
+    """Perplexity over non-overlapping windows of --ctx tokens, each scored on every position but its first.
+
+    Example: lutq eval smollm2-135m --text botchan.txt --ctx 512 --max-windows 8
+    """
+    set_threads(threads)
+    from lutq.eval import count_windows, perplexity
+
+    try:
+        body = text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LutqError(f"{text}: cannot read as UTF-8 text ({getattr(e, 'strerror', None) or type(e).__name__})")
+    if ctx < 2:
+        raise LutqError(f"--ctx must be >= 2, got {ctx}")
+    if max_windows is not None and max_windows < 1:
+        raise LutqError(f"--max-windows must be >= 1, got {max_windows}")
+    from lutq.checkpoint import open_checkpoint
+    from lutq.runtime.model import load_model
+    from lutq.runtime.tokenizer import Tokenizer
+
+    with open_checkpoint(model) as ckpt:
+        tokenizer = Tokenizer(ckpt.tokenizer_dir(), ckpt.config.eos_token_ids)
+        ids = tokenizer.encode(body)
+        if ctx > ckpt.config.max_position_embeddings:
+            raise LutqError(f"--ctx {ctx} exceeds the model's context window of {ckpt.config.max_position_embeddings}")
+        if count_windows(len(ids), ctx, max_windows) == 0:
+            raise LutqError(f"{text}: {len(ids)} tokens, fewer than one window of --ctx {ctx}")
+        net = load_model(ckpt, ctx)
+        with progress_bar() as bar:
+            task = bar.add_task("eval", total=count_windows(len(ids), ctx, max_windows))
+            res = perplexity(net, ids, ctx, max_windows, on_window=lambda done, n: bar.update(task, completed=done))
+    result = {"model": model, "text": str(text), **res.to_dict()}
+    if as_json:
+        import json
+
+        out.print(json.dumps(result), markup=False, soft_wrap=True)
+    else:
+        out.print(f"perplexity {res.perplexity:.4f} over {res.tokens} tokens ({res.windows} windows of {ctx}) "
+                  f"in {res.seconds:.1f} s", markup=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

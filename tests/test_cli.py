@@ -202,3 +202,9 @@ def test_generate_smollm2_answers_paris():
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout
     assert "tokens/s" in res.stderr
+
+
+def test_prompt_longer_than_the_context_window(tiny):
+    res = lutq("generate", tiny, "-p", "The quick brown fox " * 200, "-n", "4")
+    assert_clean_error(res, "does not fit the context window")
+    assert res.stdout == ""  # refused before anything is printed

@@ -8,13 +8,19 @@ from lutq.checkpoint.base import Checkpoint, TensorInfo
 from lutq.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+RANDOM_PREFIX = "random:"  # random:tinyllama-1.1b, a random-weight model of a real architecture (--shape)
 
 
 def open_checkpoint(spec: str | Path) -> Checkpoint:
-    """Open MODEL as the user named it: an HF directory, a .gguf file, or a built-in name such as `smollm2-135m`."""
+    """Open MODEL as the user named it: an HF directory, a .gguf file, a lutq directory, a built-in name such as
+    `smollm2-135m`, or `random:SHAPE` (lutq/checkpoint/synthetic.py)."""
     from lutq.checkpoint import builtin
 
     spec_str = str(spec)
+    if spec_str.startswith(RANDOM_PREFIX):
+        from lutq.checkpoint.synthetic import SyntheticCheckpoint
+
+        return SyntheticCheckpoint(spec_str[len(RANDOM_PREFIX) :])
     if spec_str in builtin.BUILTIN_MODELS:
         spec = builtin.resolve(spec_str)
     path = Path(spec)

@@ -67,6 +67,13 @@ class TextStream:
         return delta
 
 
+def check_prompt_fits(model, n_prompt: int) -> None:
+    room = model.max_seq - model.pos
+    if n_prompt > room:
+        raise LutqError(f"prompt of {n_prompt} tokens does not fit the context window "
+                        f"({room} positions left of {model.max_seq})")
+
+
 def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams,
              stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
              keep_cache: bool = False) -> GenerationResult:
@@ -79,10 +86,8 @@ def generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, param
         raise LutqError("the prompt is empty")
     if not keep_cache:
         model.reset()
-    room = model.max_seq - model.pos
-    if len(prompt_ids) > room:
-        raise LutqError(f"prompt of {len(prompt_ids)} tokens does not fit the context window ({room} positions left of {model.max_seq})")
-    max_new_tokens = min(max_new_tokens, room - len(prompt_ids))
+    check_prompt_fits(model, len(prompt_ids))
+    max_new_tokens = min(max_new_tokens, model.max_seq - model.pos - len(prompt_ids))
     sampler = Sampler(params)
     stream = TextStream(tokenizer.decode, stop or [])
     eos = set(tokenizer.eos_token_ids)
