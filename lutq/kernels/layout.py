@@ -1,18 +1,44 @@
 """The order in which packed weight codes are stored: exactly the order the LUT kernels stream them.
 
-Scheme "bitserial" (layout version 1), for codes q: u8[M, K] of `bits` bits each (int2/3/4, ternary as q = w + 1):
+Scheme "bitserial" (layout version 2), for codes q: u8[M, K] of `bits` bits each (int2/3/4, ternary as q = w + 1):
 
     rows are cut into tiles of TILE_M = 32 (M is zero-padded up to a whole tile);
     K into pairs of activation groups, 8 columns each (two groups of g = 4 activations);
-    for every tile t, pair p and bit-plane b, 32 bytes, one per row r of the tile:
+    one byte holds one row's bit-plane b of one pair, as two 4-bit table indices:
 
-        byte[t, p, b, r] = nibble(q[32t + r, 8p : 8p+4], b) | nibble(q[32t + r, 8p+4 : 8p+8], b) << 4
+        byte(r, p, b) = nibble(q[r, 8p : 8p+4], b) | nibble(q[r, 8p+4 : 8p+8], b) << 4
         nibble(q[0:4], b) = sum_k bit_b(q[k]) << k
 
     packed: u8[M_pad / 32, K / 8, bits, 32]     (tile-major: one tile's codes are one contiguous stream)
 
+    inside block [t, p] (bits * 32 bytes), planes go in pairs, row-interleaved, then an odd last plane alone:
+
+        plane pair c (planes 2c, 2c+1), 64 bytes:   r0b0 r0b1 r1b0 r1b1 ... r31b0 r31b1   (byte 64c + 2r + j = plane 2c+j)
+        odd last plane (int3: plane 2), 32 bytes:   r0 r1 ... r31
+
 A 4-bit nibble is the index into the 16-entry table of its activation group: one byte shuffle (pshufb) looks up 32
-rows of one plane at once, the low nibbles in group 2p's table and the high nibbles in group 2p+1's.
+or 64 bytes at once, low nibbles in group 2p's table, high nibbles in group 2p+1's. Interleaving a pair's two planes
+row by row puts each row's two lookups side by side, so one pmaddubsw with multipliers (1, 2) weights the planes and
+widens to int16 in one instruction, 32 rows per 64 bytes, in row order.
+
+Scheme "crumbs" (2-bit codes for the VNNI int2 x int8 kernel, ternary's alternative), four codes per byte:
+
+    byte[t, b, r, j] = sum_c q[32t + r, 16b + 4c + j] << 2c          packed: u8[M_pad / 32, K / 16, 32, 4]
+
+    one 64-byte load = 16 rows x 4 bytes; (byte >> 2c) & 3 gives each row the codes of columns 16b+4c .. +3 as
+    4 consecutive bytes: exactly the u8 quad vpdpbusd multiplies with a broadcast quad of int8 activations.
+
+Scheme "codebook" (nf4: a 16-entry table per activation, indexed by the whole 4-bit code), a code per nibble:
+
+    per tile t and column quad j (columns 4j .. 4j+3), 64 bytes:
+        bytes  0..31, row r:  q[r, 4j]     | q[r, 4j + 1] << 4
+        bytes 32..63, row r:  q[r, 4j + 2] | q[r, 4j + 3] << 4          packed: u8[M_pad / 32, K / 4, 2, 32]
+
+    low nibbles look up the tables of columns (4j, 4j+2) in lanes (0-1, 2-3), high nibbles those of (4j+1, 4j+3).
+
+Group parameters (`pack_group_params`): per-row scales and biases of each quantization group as fp16, in the same tile
+order, so a tile's 32 scales are one 64-byte load: u16[M_pad / 32, K / G, 2, 32] ([..., 0, :] scales, [..., 1, :]
+biases; padding rows have zero scale and bias). `pack_group_scales` is the same without biases (nf, fineq).
 """
 
 from __future__ import annotations
@@ -21,7 +47,7 @@ import numpy as np
 
 TILE_M = 32
 K_MULTIPLE = 8
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 
 def padded_rows(m: int) -> int:
@@ -41,8 +67,16 @@ def pack_bitserial(codes: np.ndarray, bits: int) -> np.ndarray:
     planes = [((q >> b) & 1) for b in range(bits)]  # each [t, r, p, half, k]
     weights = (1 << np.arange(4, dtype=np.uint8))
     nib = [(pl * weights).sum(axis=-1, dtype=np.uint8) for pl in planes]  # [t, r, p, half]
-    byte = [n[..., 0] | (n[..., 1] << 4) for n in nib]  # [t, r, p]
-    return np.ascontiguousarray(np.stack(byte, axis=0).transpose(1, 3, 0, 2))  # [t, p, b, r]
+    byte = np.stack([n[..., 0] | (n[..., 1] << 4) for n in nib], axis=-1)  # [t, r, p, b]
+    block = byte.transpose(0, 2, 3, 1).reshape(byte.shape[0], k // 8, bits * TILE_M)  # [t, p, b * r], plane-major
+    return np.ascontiguousarray(block[..., _plane_order(bits)]).reshape(-1, k // 8, bits, TILE_M)
+
+
+def _plane_order(bits: int) -> np.ndarray:
+    """Flat index into [b, r] (plane-major) of each stored byte of a block: plane pairs row-interleaved, odd plane last."""
+    planes = np.arange(bits * TILE_M).reshape(bits, TILE_M)
+    pairs = [planes[2 * c:2 * c + 2].T.reshape(-1) for c in range(bits // 2)]  # r0b0 r0b1 r1b0 ...
+    return np.concatenate(pairs + ([planes[-1]] if bits % 2 else []))
 
 
 def unpack_bitserial(packed: np.ndarray, bits: int, m: int, k: int) -> np.ndarray:
@@ -50,8 +84,73 @@ def unpack_bitserial(packed: np.ndarray, bits: int, m: int, k: int) -> np.ndarra
     t, p, b, r = packed.shape
     if (p * 8, b, r) != (k, bits, TILE_M) or t * TILE_M < m:
         raise ValueError(f"packed shape {packed.shape} does not hold {m}x{k} codes of {bits} bits")
-    byte = packed.transpose(0, 3, 1, 2)  # [t, r, p, b]
+    byte = np.empty((t, p, bits * TILE_M), np.uint8)
+    byte[..., _plane_order(bits)] = packed.reshape(t, p, -1)
+    byte = byte.reshape(t, p, b, r).transpose(0, 3, 1, 2)  # [t, r, p, b]
     nib = np.stack([byte & 0xF, byte >> 4], axis=3)  # [t, r, p, half, b]
     bitsk = (nib[..., None] >> np.arange(4, dtype=np.uint8)) & 1  # [t, r, p, half, b, k]
     q = (bitsk << np.arange(bits, dtype=np.uint8)[:, None]).sum(axis=4, dtype=np.uint8)  # [t, r, p, half, k]
     return q.reshape(t * TILE_M, k)[:m]
+
+
+def pack_crumbs(codes: np.ndarray) -> np.ndarray:
+    """codes: u8[M, K] with values < 4, K a multiple of 16 -> u8[M_pad/32, K/16, 32, 4]."""
+    m, k = codes.shape
+    if k % 16:
+        raise ValueError(f"K = {k} is not a multiple of 16")
+    if codes.max(initial=0) >= 4:
+        raise ValueError("codes do not fit in 2 bits")
+    q = np.zeros((padded_rows(m), k), np.uint8)
+    q[:m] = codes
+    q = q.reshape(-1, TILE_M, k // 16, 4, 4)  # [t, r, b, c, j]
+    byte = (q << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=3, dtype=np.uint8)  # [t, r, b, j]
+    return np.ascontiguousarray(byte.transpose(0, 2, 1, 3))
+
+
+def unpack_crumbs(packed: np.ndarray, m: int, k: int) -> np.ndarray:
+    """The inverse of pack_crumbs: u8[M, K]."""
+    t, b, r, j = packed.shape
+    if (b * 16, r, j) != (k, TILE_M, 4) or t * TILE_M < m:
+        raise ValueError(f"packed shape {packed.shape} does not hold {m}x{k} 2-bit codes")
+    q = (packed.transpose(0, 2, 1, 3)[:, :, :, None, :] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+    return q.reshape(t * TILE_M, k)[:m]
+
+
+def pack_codebook(codes: np.ndarray) -> np.ndarray:
+    """codes: u8[M, K] with values < 16, K a multiple of 4 -> u8[M_pad/32, K/4, 2, 32]."""
+    m, k = codes.shape
+    if k % 4:
+        raise ValueError(f"K = {k} is not a multiple of 4")
+    if codes.max(initial=0) >= 16:
+        raise ValueError("codes do not fit in 4 bits")
+    q = np.zeros((padded_rows(m), k), np.uint8)
+    q[:m] = codes
+    q = q.reshape(-1, TILE_M, k // 4, 2, 2)  # [t, r, j, half, lo/hi]
+    return np.ascontiguousarray((q[..., 0] | (q[..., 1] << 4)).transpose(0, 2, 3, 1))
+
+
+def unpack_codebook(packed: np.ndarray, m: int, k: int) -> np.ndarray:
+    """The inverse of pack_codebook: u8[M, K]."""
+    t, j, h, r = packed.shape
+    if (j * 4, h, r) != (k, 2, TILE_M) or t * TILE_M < m:
+        raise ValueError(f"packed shape {packed.shape} does not hold {m}x{k} 4-bit codes")
+    byte = packed.transpose(0, 3, 1, 2)  # [t, r, j, half]
+    return np.stack([byte & 0xF, byte >> 4], axis=-1).reshape(t * TILE_M, k)[:m]
+
+
+def pack_group_scales(scales: np.ndarray) -> np.ndarray:
+    """Scales alone (formats without biases): f32[M, K/G] -> u16[M_pad/32, K/G, 32], fp16 bits in tile order."""
+    m, n = scales.shape
+    out = np.zeros((padded_rows(m), n), np.float16)
+    out[:m] = scales
+    return np.ascontiguousarray(out.reshape(-1, TILE_M, n).transpose(0, 2, 1)).view(np.uint16)
+
+
+def pack_group_params(scales: np.ndarray, biases: np.ndarray) -> np.ndarray:
+    """scales, biases: f32[M, K/G] -> u16[M_pad/32, K/G, 2, 32], fp16 bits in tile order (values round to fp16)."""
+    if scales.shape != biases.shape or scales.ndim != 2:
+        raise ValueError(f"scales {scales.shape} and biases {biases.shape} must be the same [M, K/G] shape")
+    m, n = scales.shape
+    out = np.zeros((padded_rows(m), 2, n), np.float16)
+    out[:m, 0], out[:m, 1] = scales, biases
+    return np.ascontiguousarray(out.reshape(-1, TILE_M, 2, n).transpose(0, 3, 2, 1)).view(np.uint16)

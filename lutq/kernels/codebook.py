@@ -1,0 +1,382 @@
+"""LUT kernels for codebook formats (nf2/nf3/nf4): W = s * codebook[q] per group, never dequantized.
+
+nf2 and nf3 keep the bitserial layout and the uniform formats' ±x tables (one `lut.Tables` serves both). A code's
+value is a multilinear polynomial of its bits, exact for any codebook (Moebius inversion over bit subsets S):
+
+    codebook[q] = c_0 + sum_{S != 0} c_S prod_{b in S} bit_b(q)       c_S = sum_{T subset S} (-1)^{|S|-|T|} codebook[T]
+
+and prod_{b in S} bit_b is itself a bit-plane: the AND of the stored planes in S, formed in registers. Each subset
+plane is looked up like a stored one (3 for nf2, 7 for nf3), summed into its own int16 accumulator, and the
+accumulators meet their float coefficients once per group:
+
+    sum_k codebook[q_k] x_k = tscale/2 * sum_S c_S L_S  +  (c_0 + 1/2 sum_S c_S) * S_x       (L_S: table sums)
+
+So nf3 streams exactly its 3 bits per weight. nf4 would need 15 subset planes; it has its own layout instead
+(layout.pack_codebook: one code per nibble) and a 16-entry table per activation, T_k[j] = codebook[j] x_k.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from lutq.errors import LutqError
+from lutq.kernels.layout import TILE_M
+from lutq.kernels.lut import (ISA, PREFETCH_BYTES, TABLE_MAX, Tables, store_rows, check_group, plane_byte,
+                              run_tiles)
+from lutq.kernels.simd import (
+    broadcast16_pair,
+    broadcast16_x64,
+    duplicate_bytes,
+    fma_f32,
+    half,
+    high_nibbles,
+    i16_to_f32,
+    load_f16,
+    load_f16x32,
+    load_i8x32,
+    load_i8x64,
+    low_nibbles,
+    maddubs,
+    odd_to_even,
+    pair_weights,
+    prefetch,
+    shuffle_bytes,
+    splat_f32,
+    splat_i16x32,
+    vadd,
+    vand,
+    widen_i8_i16,
+    zeros_f32x32,
+)
+
+
+def subset_coefficients(codebook: np.ndarray) -> tuple[np.ndarray, float]:
+    """(c_S for S = 1 .. 2^B - 1 as f32[2^B - 1], c_0 + 1/2 sum_S c_S): the bit-plane expansion of a codebook."""
+    return _subset_coefficients(np.asarray(codebook, np.float32).tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _subset_coefficients(codebook: bytes) -> tuple[np.ndarray, float]:
+    """Memoised per codebook: the decode path computes nothing per call."""
+    cb = np.frombuffer(codebook, np.float32).astype(np.float64)
+    n = len(cb)
+    coefs = np.zeros(n)
+    for s in range(n):
+        for t in range(n):
+            if t & ~s == 0:
+                coefs[s] += (-1) ** (bin(s).count("1") - bin(t).count("1")) * cb[t]
+    return coefs[1:].astype(np.float32), float(coefs[0] + coefs[1:].sum() / 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# nf2 / nf3 on the bitserial layout
+#
+#   w  = plane pair chunk:  r0b0 r0b1 r1b0 r1b1 ...       even bytes plane 0, odd bytes plane 1
+#   w01 = w & odd_to_even(w):  r0(b0&b1) 0 r1(b0&b1) 0 ...
+#   nf3: d2 = the lone plane 2 with every byte doubled:  r0b2 r0b2 r1b2 r1b2 ...
+#        w & d2 = r0(b0&b2) r0(b1&b2) ...,   w01 & d2 = r0(b0&b1&b2) 0 ...
+#   pmaddubsw with (1, 0) or (0, 1) keeps the even or odd lookup of each row: one int16 per row and subset.
+
+
+@njit(cache=True, inline="always")
+def _subset_lookup(isa, lo_table, hi_table, v, weights):
+    """int16 per row: the table sums of plane-chunk v (low nibbles in lo_table, high in hi_table), even or odd bytes."""
+    lo = maddubs(isa, weights, shuffle_bytes(isa, lo_table, low_nibbles(v)))
+    return vadd(lo, maddubs(isa, weights, shuffle_bytes(isa, hi_table, high_nibbles(v))))
+
+
+@njit(cache=True, inline="always")
+def _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t, n, g, y):
+    """y + tile t's rows' sum over quantization group g for token n (nf2/nf3 on bitserial codes)."""
+    n_pairs = packed.shape[1]
+    n_groups = tscales.shape[1]
+    pairs_per_group = n_pairs // n_groups
+    block = bits * 32
+    even, odd = pair_weights(1, 0), pair_weights(0, 1)
+    a0 = a1 = a01 = a2 = a02 = a12 = a012 = splat_i16x32(0)
+    for p in range(g * pairs_per_group, (g + 1) * pairs_per_group):
+        off = (t * n_pairs + p) * block
+        prefetch(packed, off + PREFETCH_BYTES)
+        toff = (n * n_pairs + p) * 32
+        lo_t, hi_t = broadcast16_x64(tables, toff), broadcast16_x64(tables, toff + 16)
+        w = load_i8x64(packed, off)
+        w01 = vand(w, odd_to_even(w))
+        a0 = vadd(a0, _subset_lookup(isa, lo_t, hi_t, w, even))
+        a1 = vadd(a1, _subset_lookup(isa, lo_t, hi_t, w, odd))
+        a01 = vadd(a01, _subset_lookup(isa, lo_t, hi_t, w01, even))
+        if bits == 3:
+            prefetch(packed, off + PREFETCH_BYTES + 64)
+            d2 = duplicate_bytes(load_i8x32(packed, off + 64))
+            w2 = vand(w, d2)
+            a2 = vadd(a2, _subset_lookup(isa, lo_t, hi_t, d2, even))
+            a02 = vadd(a02, _subset_lookup(isa, lo_t, hi_t, w2, even))
+            a12 = vadd(a12, _subset_lookup(isa, lo_t, hi_t, w2, odd))
+            a012 = vadd(a012, _subset_lookup(isa, lo_t, hi_t, vand(w01, d2), even))
+    lookups = fma_f32(i16_to_f32(a0), splat_f32(coefs[0]), zeros_f32x32())
+    lookups = fma_f32(i16_to_f32(a1), splat_f32(coefs[1]), lookups)
+    lookups = fma_f32(i16_to_f32(a01), splat_f32(coefs[2]), lookups)
+    if bits == 3:
+        lookups = fma_f32(i16_to_f32(a2), splat_f32(coefs[3]), lookups)
+        lookups = fma_f32(i16_to_f32(a02), splat_f32(coefs[4]), lookups)
+        lookups = fma_f32(i16_to_f32(a12), splat_f32(coefs[5]), lookups)
+        lookups = fma_f32(i16_to_f32(a012), splat_f32(coefs[6]), lookups)
+    inner = fma_f32(lookups, splat_f32(0.5 * tscales[n, g]), splat_f32(base * sums[n, g]))
+    return fma_f32(load_f16x32(scales, (t * n_groups + g) * 32), inner, y)
+
+
+@njit(cache=True)
+def _nf_tiles(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t0, t1, out):
+    """nf2/nf3: packed u8[T, K/8, bits, 32] (bitserial), scales u16[T, K/G, 32] (fp16), ±x tables as lut.Tables.
+    Two tiles advance together, as in lut._simd_tiles (two DRAM streams)."""
+    n_tok = out.shape[0]
+    n_groups = tscales.shape[1]
+    mid = (t1 - t0) // 2
+    for t in range(t0, t0 + mid):
+        for n in range(n_tok):
+            ya = zeros_f32x32()
+            yb = zeros_f32x32()
+            for g in range(n_groups):
+                ya = _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t, n, g, ya)
+                yb = _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t + mid, n, g, yb)
+            store_rows(out, n, t, ya)
+            store_rows(out, n, t + mid, yb)
+    for t in range(t0 + 2 * mid, t1):
+        for n in range(n_tok):
+            y = zeros_f32x32()
+            for g in range(n_groups):
+                y = _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t, n, g, y)
+            store_rows(out, n, t, y)
+
+
+@njit(cache=True)
+def _nf_plain_tiles(packed, scales, tables, tscales, sums, bits, coefs, base, t0, t1, out):
+    """The same subset expansion byte by byte (exact with fp32 tables; the fallback without AVX2)."""
+    n_tok, m = out.shape
+    n_pairs = packed.shape[1]
+    n_groups = tscales.shape[1]
+    pairs_per_group = n_pairs // n_groups
+    flat = packed.reshape(packed.shape[0], n_pairs, bits * 32)
+    planes = np.empty(bits, np.int64)
+    for t in range(t0, t1):
+        for n in range(n_tok):
+            for r in range(min(TILE_M, m - TILE_M * t)):
+                acc = 0.0
+                for g in range(n_groups):
+                    lookups = 0.0
+                    for p in range(g * pairs_per_group, (g + 1) * pairs_per_group):
+                        for b in range(bits):
+                            planes[b] = flat[t, p, plane_byte(b, r, bits)]
+                        for s in range(1, 1 << bits):
+                            v = 0xFF
+                            for b in range(bits):
+                                if (s >> b) & 1:
+                                    v &= planes[b]
+                            lookups += coefs[s - 1] * (np.float64(tables[n, 2 * p, v & 15]) +
+                                                       np.float64(tables[n, 2 * p + 1, v >> 4]))
+                    inner = 0.5 * np.float64(tscales[n, g]) * lookups + base * np.float64(sums[n, g])
+                    acc += np.float64(load_f16(scales, (t * n_groups + g) * 32 + r)) * inner
+                out[n, TILE_M * t + r] = acc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# nf4 on the codebook layout: a table per activation
+#
+#   per tile and column quad j, 64 bytes:  [ r0..r31: q4j | q4j+1 << 4 ][ r0..r31: q4j+2 | q4j+3 << 4 ]
+#   tables, per quad: [ T4j | T4j+2 | T4j+1 | T4j+3 ]  (16 bytes each)
+#   pshufb((T4j, T4j, T4j+2, T4j+2), low nibbles) -> rows 0-31 of column 4j, then of column 4j+2
+#   pshufb((T4j+1, ..., T4j+3, ...), high nibbles) -> columns 4j+1, 4j+3; the four 32-byte halves widen to int16
+#   every G columns: rows_f32 += s * tscale * acc
+
+
+@njit(cache=True)
+def build_codebook_tables_int8(x, codebook, group, tables, tscales):
+    """x f32[N, K] -> tables i8[N, K/4, 4, 16] (T_k[j] = codebook[j] x_k, quad order 4j, 4j+2, 4j+1, 4j+3),
+    tscales f32[N, K/G]."""
+    n_tok, k = x.shape
+    peak_cb = np.abs(codebook).max()
+    for n in range(n_tok):
+        for g in range(k // group):
+            peak = 0.0
+            for i in range(g * group, (g + 1) * group):
+                peak = max(peak, abs(np.float64(x[n, i])) * peak_cb)
+            inv = TABLE_MAX / peak if peak > 0 else 0.0
+            tscales[n, g] = peak / TABLE_MAX
+            for i in range(g * group, (g + 1) * group):
+                slot = (i & 1) * 2 + ((i >> 1) & 1)  # column 4j + c sits at slot (0, 2, 1, 3)[c]
+                for e in range(16):
+                    tables[n, i // 4, slot, e] = np.int8(np.rint(codebook[e] * x[n, i] * inv))
+
+
+@njit(cache=True)
+def build_codebook_tables_f32(x, codebook, group, tables, tscales):
+    n_tok, k = x.shape
+    for n in range(n_tok):
+        for g in range(k // group):
+            tscales[n, g] = 1.0
+        for i in range(k):
+            for e in range(16):
+                tables[n, i // 4, (i & 1) * 2 + ((i >> 1) & 1), e] = np.float64(codebook[e]) * x[n, i]
+
+
+@njit(cache=True, inline="always")
+def _nf4_group(isa, packed, scales, tables, tscales, t, n, g, y):
+    n_quads = packed.shape[1]
+    n_groups = tscales.shape[1]
+    quads_per_group = n_quads // n_groups
+    acc = splat_i16x32(0)
+    for j in range(g * quads_per_group, (g + 1) * quads_per_group):
+        off = (t * n_quads + j) * 64
+        prefetch(packed, off + PREFETCH_BYTES)
+        toff = (n * n_quads + j) * 64
+        w = load_i8x64(packed, off)
+        lo = shuffle_bytes(isa, broadcast16_pair(tables, toff), low_nibbles(w))
+        hi = shuffle_bytes(isa, broadcast16_pair(tables, toff + 32), high_nibbles(w))
+        acc = vadd(acc, vadd(widen_i8_i16(half(lo, 0)), widen_i8_i16(half(lo, 1))))
+        acc = vadd(acc, vadd(widen_i8_i16(half(hi, 0)), widen_i8_i16(half(hi, 1))))
+    scale = load_f16x32(scales, (t * n_groups + g) * 32)
+    return fma_f32(scale, fma_f32(i16_to_f32(acc), splat_f32(tscales[n, g]), zeros_f32x32()), y)
+
+
+@njit(cache=True)
+def _nf4_tiles(isa, packed, scales, tables, tscales, t0, t1, out):
+    """nf4; two tiles advance together, as in lut._simd_tiles (two DRAM streams)."""
+    n_tok = out.shape[0]
+    n_groups = tscales.shape[1]
+    mid = (t1 - t0) // 2
+    for t in range(t0, t0 + mid):
+        for n in range(n_tok):
+            ya = zeros_f32x32()
+            yb = zeros_f32x32()
+            for g in range(n_groups):
+                ya = _nf4_group(isa, packed, scales, tables, tscales, t, n, g, ya)
+                yb = _nf4_group(isa, packed, scales, tables, tscales, t + mid, n, g, yb)
+            store_rows(out, n, t, ya)
+            store_rows(out, n, t + mid, yb)
+    for t in range(t0 + 2 * mid, t1):
+        for n in range(n_tok):
+            y = zeros_f32x32()
+            for g in range(n_groups):
+                y = _nf4_group(isa, packed, scales, tables, tscales, t, n, g, y)
+            store_rows(out, n, t, y)
+
+
+@njit(cache=True)
+def _nf4_plain_tiles(packed, scales, tables, tscales, t0, t1, out):
+    n_tok, m = out.shape
+    n_quads = packed.shape[1]
+    n_groups = tscales.shape[1]
+    quads_per_group = n_quads // n_groups
+    for t in range(t0, t1):
+        for n in range(n_tok):
+            for r in range(min(TILE_M, m - TILE_M * t)):
+                acc = 0.0
+                for g in range(n_groups):
+                    lookups = 0.0
+                    for j in range(g * quads_per_group, (g + 1) * quads_per_group):
+                        for h in range(2):
+                            byte = packed[t, j, h, r]
+                            lookups += np.float64(tables[n, j, h, byte & 15]) + np.float64(tables[n, j, 2 + h, byte >> 4])
+                    acc += np.float64(load_f16(scales, (t * n_groups + g) * 32 + r)) * np.float64(tscales[n, g]) * lookups
+                out[n, TILE_M * t + r] = acc
+
+
+class CodebookTables:
+    """nf4's activation tables: a 16-entry table per activation (codebook level x activation), int8 per group."""
+
+    def __init__(self, k: int, group: int, codebook: np.ndarray, tokens: int = 1, exact: bool = False):
+        check_group(k, group)
+        if len(codebook) != 16 or (not exact and group > 128):
+            raise LutqError(f"unsupported: nf4 tables need a 16-level codebook and G <= 128, got {len(codebook)}, {group}")
+        self.k, self.group, self.exact = k, group, exact
+        self.codebook = np.asarray(codebook, np.float32)
+        self.tables = np.zeros((tokens, k // 4, 4, 16), np.float32 if exact else np.int8)
+        self.tscales = np.zeros((tokens, k // group), np.float32)
+
+    def build(self, x: np.ndarray) -> None:
+        if x.dtype != np.float32 or x.shape != (self.tables.shape[0], self.k):
+            raise LutqError(f"activations {x.dtype}{list(x.shape)} do not match tables for "
+                            f"f32[{self.tables.shape[0]}, {self.k}]")
+        build = build_codebook_tables_f32 if self.exact else build_codebook_tables_int8
+        build(x, self.codebook, self.group, self.tables, self.tscales)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _check(packed, scales, out, k, group, tokens, tail):
+    n_tiles = packed.shape[0]
+    m = out.shape[-1]
+    if packed.dtype != np.uint8 or packed.shape[2:] != tail:
+        raise LutqError(f"packed codes u8{list(packed.shape)} are not in the expected layout (.., {tail})")
+    if scales.dtype != np.uint16 or scales.shape != (n_tiles, k // group, TILE_M):
+        raise LutqError(f"scales u16{list(scales.shape)} do not match K = {k}, G = {group} (layout.pack_group_scales)")
+    if out.dtype != np.float32 or out.shape != (tokens, m) or not n_tiles * TILE_M - TILE_M < m <= n_tiles * TILE_M:
+        raise LutqError(f"output {out.dtype}{list(out.shape)} does not fit {n_tiles} tiles of {TILE_M} rows")
+    if not (packed.flags.c_contiguous and scales.flags.c_contiguous and out.flags.c_contiguous):
+        raise LutqError("packed codes, scales and output must be C-contiguous")
+
+
+def gemv_nf_bitserial(packed, scales, codebook, tables: Tables, out, threads: int | None = None) -> None:
+    """nf2/nf3: out[n, m] = sum_k s codebook[q] x. packed: layout.pack_bitserial; scales: layout.pack_group_scales."""
+    bits = {4: 2, 8: 3}.get(len(codebook))
+    if bits is None:
+        raise LutqError(f"gemv_nf_bitserial runs 4- or 8-level codebooks (nf2, nf3), got {len(codebook)} levels")
+    if packed.shape[1] * 8 != tables.k:
+        raise LutqError(f"weights with {packed.shape[1] * 8} columns do not match tables of K = {tables.k}")
+    _check(packed, scales, out, tables.k, tables.group, tables.tables.shape[0], (bits, TILE_M))
+    coefs, base = subset_coefficients(codebook)
+    args = (packed, scales, tables.tables, tables.tscales, tables.sums, bits, coefs, base)
+    weights = packed.shape[0] * TILE_M * tables.k * out.shape[0]
+    if tables.exact or ISA.name == "portable":
+        run_tiles(_nf_plain_tiles, _parallel_plain_nf, args, packed.shape[0], weights, threads, out)
+    else:
+        run_tiles(_nf_tiles, _parallel_nf, (ISA,) + args, packed.shape[0], weights, threads, out)
+
+
+def gemv_nf4(packed, scales, tables: CodebookTables, out, threads: int | None = None) -> None:
+    """nf4: out[n, m] = sum_k s codebook[q] x. packed: layout.pack_codebook; scales: layout.pack_group_scales."""
+    if packed.shape[1] * 4 != tables.k:
+        raise LutqError(f"weights with {packed.shape[1] * 4} columns do not match tables of K = {tables.k}")
+    _check(packed, scales, out, tables.k, tables.group, tables.tables.shape[0], (2, TILE_M))
+    args = (packed, scales, tables.tables, tables.tscales)
+    weights = packed.shape[0] * TILE_M * tables.k * out.shape[0]
+    if tables.exact or ISA.name == "portable":
+        run_tiles(_nf4_plain_tiles, _parallel_plain_nf4, args, packed.shape[0], weights, threads, out)
+    else:
+        run_tiles(_nf4_tiles, _parallel_nf4, (ISA,) + args, packed.shape[0], weights, threads, out)
+
+
+# Thread splits (one contiguous run of tiles per thread; a single run is a plain call).
+
+
+@njit(cache=True, parallel=True)
+def _parallel_nf(isa, packed, scales, tables, tscales, sums, bits, coefs, base, chunks, out):
+    n = packed.shape[0]
+    for c in prange(chunks):
+        _nf_tiles(isa, packed, scales, tables, tscales, sums, bits, coefs, base, c * n // chunks, (c + 1) * n // chunks, out)
+
+
+@njit(cache=True, parallel=True)
+def _parallel_plain_nf(packed, scales, tables, tscales, sums, bits, coefs, base, chunks, out):
+    n = packed.shape[0]
+    for c in prange(chunks):
+        _nf_plain_tiles(packed, scales, tables, tscales, sums, bits, coefs, base, c * n // chunks, (c + 1) * n // chunks,
+                        out)
+
+
+@njit(cache=True, parallel=True)
+def _parallel_nf4(isa, packed, scales, tables, tscales, chunks, out):
+    n = packed.shape[0]
+    for c in prange(chunks):
+        _nf4_tiles(isa, packed, scales, tables, tscales, c * n // chunks, (c + 1) * n // chunks, out)
+
+
+@njit(cache=True, parallel=True)
+def _parallel_plain_nf4(packed, scales, tables, tscales, chunks, out):
+    n = packed.shape[0]
+    for c in prange(chunks):
+        _nf4_plain_tiles(packed, scales, tables, tscales, c * n // chunks, (c + 1) * n // chunks, out)

@@ -1,0 +1,262 @@
+"""LUT kernel for fineq: clusters of 3 weights, one byte each (lutq/quantize/fineq.py, docs/FORMAT.md).
+
+A cluster byte is a 2-bit mode (bits 7-6) and 6 bits of payload; mode 0 holds three 2-bit codes, modes 1-3 zero
+one weight and give the other two (a, b) 3-bit codes. Its dot product with the cluster's activations (x0, x1, x2),
+in units of the group scale, splits into a part of the low nibble and a part of the high nibble:
+
+    lo = byte & 15, hi = byte >> 4 = mode << 2 | h2      (h2 = payload bits 5-4)
+    mode 0:  (c0 - 1.5) x0 + (c1 - 1.5) x1 + (c2 - 1.5) x2  =  A0[lo] + B[hi]
+             A0[lo] = ((lo & 3) - 1.5) x0 + ((lo >> 2) - 1.5) x1,      B[0 | h2] = (h2 - 1.5) x2
+    mode j:  (d0 - 3.5) x_a + (d1 - 3.5) x_b               =  Aj[lo] + B[hi]          (d1 = lo >> 3 | h2 << 1)
+             Aj[lo] = ((lo & 7) - 3.5) x_a + ((lo >> 3) - 0.5) x_b,   B[j << 2 | h2] = (2 h2 - 3) x_b
+
+so per cluster five 16-entry tables (A0..A3, B) replace the 256-entry one: B by one pshufb on the high nibbles, A by
+four pshufb on the low nibbles of which each byte keeps the one of its own mode (compare + blend). The grid offsets
+are split so every table is centred on zero (the int8 step follows the largest entry: centring makes it ~3x finer
+than keeping the offsets in one table), and no activation sums are needed.
+
+    per tile and cluster c, 32 bytes (one per row):  a = blend_j(pshufb(A_j, lo)),  b = pshufb(B, hi)
+    acc_int16 += a + b (widened);  per block of BLOCK clusters: group_f32 += tscale * acc;
+    at each group end: rows_f32 += s * group_f32
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from lutq.errors import LutqError
+from lutq.kernels.layout import TILE_M
+from lutq.kernels.lut import ISA, PREFETCH_BYTES, TABLE_MAX, store_rows, check_group, run_tiles
+from lutq.kernels.simd import (
+    broadcast16_x32,
+    fma_f32,
+    high_nibbles,
+    i16_to_f32,
+    load_f16,
+    load_f16x32,
+    load_i8x32,
+    low_nibbles,
+    prefetch,
+    select_where_top2,
+    shuffle_bytes,
+    splat_f32,
+    splat_i16x32,
+    vadd,
+    widen_i8_i16,
+    zeros_f32x32,
+)
+
+# Mode j (1..3) keeps weights KEPT[j - 1] of its cluster (quantize/fineq.py): (1, 2), (0, 2), (0, 1).
+# Clusters per table scale. A table's int8 step follows its block's largest entry; blocks finer than a group cost one
+# int16 -> f32 flush per block (cheap) and make the step ~1.5x finer than one scale per 64-weight group.
+BLOCK = 8
+
+
+@njit(cache=True)
+def _cluster_tables(x0, x1, x2, out):
+    """out f64[5, 16]: A0, A1, A2, A3, B for one cluster (units of the scale), each centred on zero."""
+    for lo in range(16):
+        out[0, lo] = ((lo & 3) - 1.5) * x0 + ((lo >> 2) - 1.5) * x1
+    for h2 in range(4):
+        out[4, h2] = (h2 - 1.5) * x2
+    _mode_tables(1, x1, x2, out)  # KEPT[0] = (1, 2)
+    _mode_tables(2, x0, x2, out)  # KEPT[1] = (0, 2)
+    _mode_tables(3, x0, x1, out)  # KEPT[2] = (0, 1)
+
+
+@njit(cache=True)
+def _mode_tables(mode, xa, xb, out):
+    for lo in range(16):
+        out[mode, lo] = ((lo & 7) - 3.5) * xa + ((lo >> 3) - 0.5) * xb
+    for h2 in range(4):
+        out[4, mode << 2 | h2] = (2 * h2 - 3) * xb
+
+
+@njit(cache=True, inline="always")
+def _group_clusters(g, group, n_clusters):
+    """Clusters of group g: those whose first weight 3c falls in [gG, (g+1)G)."""
+    return -(-g * group // 3), min(n_clusters, -(-(g + 1) * group // 3))
+
+
+@njit(cache=True)
+def _build(x, group, tables, tscales, quantize):
+    """tables [N, C, 5, 16] (i8, one scale per block of BLOCK clusters of a group; or f32 with scales 1),
+    tscales f32[N, K/G, blocks per group], from x f32[N, K]."""
+    n_tok, k = x.shape
+    n_clusters = tables.shape[1]
+    vals = np.empty((n_clusters, 5, 16), np.float64)
+    for n in range(n_tok):
+        for c in range(n_clusters):
+            x0 = np.float64(x[n, 3 * c])
+            x1 = np.float64(x[n, 3 * c + 1]) if 3 * c + 1 < k else 0.0  # padding columns hold zero weights
+            x2 = np.float64(x[n, 3 * c + 2]) if 3 * c + 2 < k else 0.0
+            _cluster_tables(x0, x1, x2, vals[c])
+        for g in range(k // group):
+            c0, c1 = _group_clusters(g, group, n_clusters)
+            for blk, start in enumerate(range(c0, c1, BLOCK)):
+                stop = min(c1, start + BLOCK)
+                peak = 0.0
+                for c in range(start, stop):
+                    for i in range(5):
+                        for e in range(16):
+                            peak = max(peak, abs(vals[c, i, e]))
+                inv = TABLE_MAX / peak if peak > 0 else 0.0
+                tscales[n, g, blk] = peak / TABLE_MAX if quantize else 1.0
+                for c in range(start, stop):
+                    for i in range(5):
+                        for e in range(16):
+                            tables[n, c, i, e] = np.rint(vals[c, i, e] * inv) if quantize else vals[c, i, e]
+
+
+class ClusterTables:
+    """fineq's activation tables: five 16-entry tables per cluster of 3 activations, int8 per group (or fp32)."""
+
+    def __init__(self, k: int, group: int, tokens: int = 1, exact: bool = False):
+        if k < 1 or group < 3 or k % group:
+            raise LutqError(f"unsupported shape: K = {k}, group size {group} (need K % G == 0)")
+        self.k, self.group, self.exact = k, group, exact
+        self.tables = np.zeros((tokens, -(-k // 3), 5, 16), np.float32 if exact else np.int8)
+        self.tscales = np.zeros((tokens, k // group, -(-(group // 3 + 1) // BLOCK)), np.float32)
+
+    def build(self, x: np.ndarray) -> None:
+        if x.dtype != np.float32 or x.shape != (self.tables.shape[0], self.k):
+            raise LutqError(f"activations {x.dtype}{list(x.shape)} do not match tables for "
+                            f"f32[{self.tables.shape[0]}, {self.k}]")
+        _build(x, self.group, self.tables, self.tscales, not self.exact)
+
+
+@njit(cache=True, inline="always")
+def _fineq_group(isa, packed, scales, tables, tscales, group, t, n, g, y):
+    n_clusters = packed.shape[1]
+    n_groups = tscales.shape[1]
+    c0, c1 = _group_clusters(g, group, n_clusters)
+    in_group = zeros_f32x32()
+    for blk, start in enumerate(range(c0, c1, BLOCK)):
+        acc = splat_i16x32(0)
+        for c in range(start, min(c1, start + BLOCK)):
+            off = (t * n_clusters + c) * TILE_M
+            prefetch(packed, off + PREFETCH_BYTES)
+            toff = (n * n_clusters + c) * 80
+            w = load_i8x32(packed, off)
+            lo = low_nibbles(w)
+            a = shuffle_bytes(isa, broadcast16_x32(tables, toff), lo)
+            a = select_where_top2(w, 1, shuffle_bytes(isa, broadcast16_x32(tables, toff + 16), lo), a)
+            a = select_where_top2(w, 2, shuffle_bytes(isa, broadcast16_x32(tables, toff + 32), lo), a)
+            a = select_where_top2(w, 3, shuffle_bytes(isa, broadcast16_x32(tables, toff + 48), lo), a)
+            b = shuffle_bytes(isa, broadcast16_x32(tables, toff + 64), high_nibbles(w))
+            acc = vadd(acc, vadd(widen_i8_i16(a), widen_i8_i16(b)))
+        in_group = fma_f32(i16_to_f32(acc), splat_f32(tscales[n, g, blk]), in_group)
+    return fma_f32(load_f16x32(scales, (t * n_groups + g) * 32), in_group, y)
+
+
+@njit(cache=True)
+def _fineq_tiles(isa, packed, scales, tables, tscales, group, t0, t1, out):
+    """Two tiles advance together, as in lut._simd_tiles (two DRAM streams)."""
+    n_tok = out.shape[0]
+    n_groups = tscales.shape[1]
+    mid = (t1 - t0) // 2
+    for t in range(t0, t0 + mid):
+        for n in range(n_tok):
+            ya = zeros_f32x32()
+            yb = zeros_f32x32()
+            for g in range(n_groups):
+                ya = _fineq_group(isa, packed, scales, tables, tscales, group, t, n, g, ya)
+                yb = _fineq_group(isa, packed, scales, tables, tscales, group, t + mid, n, g, yb)
+            store_rows(out, n, t, ya)
+            store_rows(out, n, t + mid, yb)
+    for t in range(t0 + 2 * mid, t1):
+        for n in range(n_tok):
+            y = zeros_f32x32()
+            for g in range(n_groups):
+                y = _fineq_group(isa, packed, scales, tables, tscales, group, t, n, g, y)
+            store_rows(out, n, t, y)
+
+
+@njit(cache=True)
+def _fineq_plain_tiles(packed, scales, tables, tscales, group, t0, t1, out):
+    n_tok, m = out.shape
+    n_clusters = packed.shape[1]
+    n_groups = tscales.shape[1]
+    for t in range(t0, t1):
+        for n in range(n_tok):
+            for r in range(min(TILE_M, m - TILE_M * t)):
+                acc = 0.0
+                for g in range(n_groups):
+                    c0, c1 = _group_clusters(g, group, n_clusters)
+                    in_group = 0.0
+                    for c in range(c0, c1):
+                        byte = packed[t, c, r]
+                        in_group += np.float64(tscales[n, g, (c - c0) // BLOCK]) * (
+                            np.float64(tables[n, c, byte >> 6, byte & 15]) + np.float64(tables[n, c, 4, byte >> 4]))
+                    acc += np.float64(load_f16(scales, (t * n_groups + g) * 32 + r)) * in_group
+                out[n, TILE_M * t + r] = acc
+
+
+@njit(cache=True, parallel=True)
+def _fineq_parallel(isa, packed, scales, tables, tscales, group, chunks, out):
+    n = packed.shape[0]
+    for c in prange(chunks):
+        _fineq_tiles(isa, packed, scales, tables, tscales, group, c * n // chunks, (c + 1) * n // chunks, out)
+
+
+@njit(cache=True, parallel=True)
+def _fineq_plain_parallel(packed, scales, tables, tscales, group, chunks, out):
+    n = packed.shape[0]
+    for c in prange(chunks):
+        _fineq_plain_tiles(packed, scales, tables, tscales, group, c * n // chunks, (c + 1) * n // chunks, out)
+
+
+def gemv_fineq(packed, scales, tables: ClusterTables, out, threads: int | None = None) -> None:
+    """out[n, m] = sum_k W[m, k] x[n, k]. packed: u8[M_pad/32, C, 32] (quantize/fineq.py's pack); scales:
+    layout.pack_group_scales of the fp16 scales; out: f32[N, M], written."""
+    n_tiles = packed.shape[0]
+    m = out.shape[-1]
+    if packed.dtype != np.uint8 or packed.ndim != 3 or packed.shape[1:] != tables.tables.shape[1:2] + (TILE_M,):
+        raise LutqError(f"packed clusters u8{list(packed.shape)} do not match tables of K = {tables.k}")
+    if tables.group > 255 or scales.dtype != np.uint16 or scales.shape != (n_tiles, tables.k // tables.group, TILE_M):
+        raise LutqError(f"scales u16{list(scales.shape)} do not match K = {tables.k}, G = {tables.group}")
+    if out.dtype != np.float32 or out.shape != (tables.tables.shape[0], m) or not n_tiles * TILE_M - TILE_M < m \
+            <= n_tiles * TILE_M:
+        raise LutqError(f"output {out.dtype}{list(out.shape)} does not fit {n_tiles} tiles of {TILE_M} rows")
+    if not (packed.flags.c_contiguous and scales.flags.c_contiguous and out.flags.c_contiguous):
+        raise LutqError("packed clusters, scales and output must be C-contiguous")
+    args = (packed, scales, tables.tables, tables.tscales, tables.group)
+    weights = n_tiles * TILE_M * tables.k * out.shape[0]
+    if tables.exact or ISA.name == "portable":
+        run_tiles(_fineq_plain_tiles, _fineq_plain_parallel, args, n_tiles, weights, threads, out)
+    else:
+        run_tiles(_fineq_tiles, _fineq_parallel, (ISA,) + args, n_tiles, weights, threads, out)
+
+
+def byte_values() -> np.ndarray:
+    """Every byte's three weights in units of the scale, f32[256, 3]: the tables with x = unit vectors."""
+    out = np.zeros((256, 3), np.float32)
+    t = np.empty((5, 16))
+    for i in range(3):
+        _cluster_tables(*np.eye(3)[i], t)
+        for byte in range(256):
+            out[byte, i] = t[byte >> 6, byte & 15] + t[4, byte >> 4]
+    return out
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def dequant_gemv(packed, scales, values, group, x, chunks, out):
+    """The plain alternative (benchmark): dequantize a tile's rows to f32, then dot them with x. out f32[M]."""
+    n_tiles, n_clusters = packed.shape[:2]
+    n_groups = scales.shape[1]
+    k = x.shape[0]
+    m = out.shape[0]
+    for ch in prange(chunks):
+        w = np.zeros(3 * n_clusters, np.float32)
+        for t in range(ch * n_tiles // chunks, (ch + 1) * n_tiles // chunks):
+            for r in range(min(TILE_M, m - TILE_M * t)):
+                for c in range(n_clusters):
+                    s = load_f16(scales, (t * n_groups + 3 * c // group) * 32 + r)
+                    byte = packed[t, c, r]
+                    for i in range(3):
+                        w[3 * c + i] = s * values[byte, i]
+                acc = np.float32(0.0)
+                for i in range(k):
+                    acc += w[i] * x[i]
+                out[TILE_M * t + r] = acc

@@ -1,0 +1,561 @@
+"""SIMD layer: which vector instructions this CPU has, and numba intrinsics that emit them.
+
+The LUT kernels need instructions LLVM never derives from plain loops: a byte shuffle doing 32/64 table lookups at
+once (pshufb), multiply-add of unsigned by signed bytes into int16 (pmaddubsw) and the VNNI byte dot product
+(vpdpbusd). Numba reaches them through vector-valued numba types whose LLVM type is `<N x iB>` and
+`numba.extending.intrinsic`s whose code generation calls the `llvm.x86.*` intrinsics.
+
+Kernels are written once, for 64-byte logical vectors, and take an `Isa` witness as their first argument. The
+intrinsics read the witness's numba type at compile time and emit the instruction of that ISA: AVX-512BW does a
+64-byte vector in one instruction, AVX2 splits it into two 32-byte halves. Generic LLVM operations (and, shifts,
+adds, widening, float math) need no witness: LLVM legalises them for whatever the target has. An intrinsic the CPU
+lacks aborts the whole process inside LLVM, so `host_isa()` only ever returns what the numba target can select, and
+each ISA is a distinct argument type: a compiled (and cached) kernel never runs on the wrong one.
+
+aarch64 later: add an "neon" Isa whose shuffle is `llvm.aarch64.neon.tbl1` on 16-byte quarters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
+
+from lutq.errors import LutqError
+
+ISA_ORDER = ("portable", "avx2", "avx512")  # weakest to strongest
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ISA detection
+
+
+def target_features() -> set[str]:
+    """CPU features numba's code generator may use: the host's, unless NUMBA_CPU_NAME pins another target."""
+    if config.CPU_NAME and config.CPU_NAME != "host":
+        feats = config.CPU_FEATURES or ""
+        return {f[1:] for f in feats.split(",") if f.startswith("+")}
+    fm = llvm.get_host_cpu_features()
+    return {k for k, v in fm.items() if v}
+
+
+def detect_isa(features: set[str]) -> str:
+    if {"avx512bw", "avx512vl", "avx512f", "f16c", "fma"} <= features:
+        return "avx512"
+    if {"avx2", "f16c", "fma"} <= features:
+        return "avx2"
+    return "portable"
+
+
+def has_vnni(features: set[str], isa: str) -> bool:
+    """vpdpbusd on 64-byte vectors (AVX512-VNNI), or on 32-byte halves (AVX-VNNI / AVX512-VNNI with VL)."""
+    if isa == "avx512":
+        return "avx512vnni" in features
+    return isa == "avx2" and "avxvnni" in features
+
+
+def host_isa() -> str:
+    """The widest ISA usable here; LUTQ_ISA may lower it (to test the narrower paths), never raise it."""
+    best = detect_isa(target_features())
+    want = os.environ.get("LUTQ_ISA", "").strip().lower()
+    if not want:
+        return best
+    if want not in ISA_ORDER:
+        raise LutqError(f"LUTQ_ISA={want!r}: expected one of {', '.join(ISA_ORDER)}")
+    if ISA_ORDER.index(want) > ISA_ORDER.index(best):
+        raise LutqError(f"LUTQ_ISA={want}: this CPU supports at most {best}")
+    return want
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The ISA witness: a zero-sized argument whose numba type carries the ISA name.
+
+
+# Numba's cache keys a kernel on its own source file only, not on the intrinsics it inlines from this one; the
+# witness type carries a digest of this file, so changing an intrinsic changes every SIMD kernel's signature.
+SOURCE_DIGEST = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+class Isa:
+    def __init__(self, name: str, vnni: bool = False):
+        self.name, self.vnni = name, vnni
+
+    def __repr__(self):
+        return f"Isa({self.name!r}, vnni={self.vnni})"
+
+
+class IsaType(types.Type):
+    def __init__(self, name: str, vnni: bool, digest: str = SOURCE_DIGEST):
+        self.isa, self.vnni = name, vnni
+        super().__init__(name=f"Isa[{name}{',vnni' if vnni else ''},{digest}]")
+
+
+@typeof_impl.register(Isa)
+def _typeof_isa(val, c):
+    return IsaType(val.name, val.vnni)
+
+
+register_model(IsaType)(models.OpaqueModel)
+
+
+@unbox(IsaType)
+def _unbox_isa(typ, obj, c):
+    return NativeValue(c.context.get_constant_null(typ))
+
+
+def isa_for_host() -> Isa:
+    name = host_isa()
+    return Isa(name, has_vnni(target_features(), name))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Vector types: numba values that are LLVM vectors (kept in registers by LLVM after mem2reg).
+
+
+class Vec(types.Type):
+    def __init__(self, kind: str, bits: int, count: int):
+        self.kind, self.bits, self.count = kind, bits, count
+        super().__init__(name=f"vec<{count}x{kind}{bits}>")
+
+    @property
+    def llvm_type(self):
+        elem = {"i": ir.IntType(self.bits), "f": ir.FloatType()}[self.kind]
+        return ir.VectorType(elem, self.count)
+
+
+@register_model(Vec)
+class VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, fe_type.llvm_type)
+
+
+i8x32, i8x64 = Vec("i", 8, 32), Vec("i", 8, 64)
+i16x32, i32x16, f32x32 = Vec("i", 16, 32), Vec("i", 32, 16), Vec("f", 32, 32)
+
+I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+
+def _call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _halves(builder, v, n):
+    """Split an n-element vector into its two halves (shufflevector, free when the halves are two registers)."""
+    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n // 2), list(range(n // 2))))
+    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n // 2), list(range(n // 2, n))))
+    return lo, hi
+
+
+def _concat(builder, lo, hi):
+    n = lo.type.count
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n))))
+
+
+def _split_call(builder, isa, name512, name256, ret_elem, ret_count, args):
+    """Call the 512-bit intrinsic, or on AVX2 the 256-bit one on both halves of every argument."""
+    if isa == "avx512":
+        return _call(builder, name512, ir.VectorType(ret_elem, ret_count), args)
+    parts = [_halves(builder, a, a.type.count) for a in args]
+    half = ir.VectorType(ret_elem, ret_count // 2)
+    lo = _call(builder, name256, half, [p[0] for p in parts])
+    hi = _call(builder, name256, half, [p[1] for p in parts])
+    return _concat(builder, lo, hi)
+
+
+def _ptr(context, builder, arrty, arr, index, vty):
+    """Pointer to element `index` of a contiguous array, typed as a pointer to the vector vty."""
+    a = context.make_array(arrty)(context, builder, arr)
+    p = builder.gep(a.data, [index])
+    return builder.bitcast(p, vty.as_pointer())
+
+
+def _check_isa(isa):
+    if not isinstance(isa, IsaType) or isa.isa == "portable":
+        raise TypeError(f"a SIMD intrinsic needs an avx2/avx512 Isa witness, got {isa}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory: unaligned vector loads/stores at an element index, 16-byte table broadcast, software prefetch.
+
+
+def _loader(vecty):
+    @intrinsic
+    def load(typingctx, arr, index):
+        def codegen(context, builder, sig, args):
+            return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], vecty.llvm_type), align=1)
+
+        return vecty(arr, index), codegen
+
+    return load
+
+
+load_i8x64 = _loader(i8x64)  # 64 bytes of a u8/i8 array
+load_i8x32 = _loader(i8x32)
+
+
+@intrinsic
+def load_f16x32(typingctx, arr, index):
+    """32 fp16 values (a u16 array holding their bits) widened to f32 (vcvtph2ps)."""
+
+    def codegen(context, builder, sig, args):
+        h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(I16, 32)), align=1)
+        return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 32)), f32x32.llvm_type)
+
+    return f32x32(arr, index), codegen
+
+
+@intrinsic
+def store_f32x32(typingctx, arr, index, v):
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _ptr(context, builder, sig.args[0], args[0], args[1], f32x32.llvm_type), align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, index, v), codegen
+
+
+def _broadcaster(vecty):
+    @intrinsic
+    def broadcast16(typingctx, arr, index):
+        """The 16 bytes at arr[index:index+16] repeated in every 128-bit lane (vbroadcasti128/32x4)."""
+
+        def codegen(context, builder, sig, args):
+            t = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(I8, 16)), align=1)
+            mask = ir.Constant(ir.VectorType(I32, vecty.count), [i % 16 for i in range(vecty.count)])
+            return builder.shuffle_vector(t, t, mask)
+
+        return vecty(arr, index), codegen
+
+    return broadcast16
+
+
+broadcast16_x64 = _broadcaster(i8x64)
+broadcast16_x32 = _broadcaster(i8x32)
+
+
+@intrinsic
+def broadcast16_pair(typingctx, arr, index):
+    """Two 16-byte tables at arr[index:index+32] as lanes (A, A, B, B): 64 lookups, the first 32 bytes in A."""
+
+    def codegen(context, builder, sig, args):
+        t = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], i8x32.llvm_type), align=1)
+        mask = [i % 16 + 16 * (i // 32) for i in range(64)]
+        return builder.shuffle_vector(t, t, ir.Constant(ir.VectorType(I32, 64), mask))
+
+    return i8x64(arr, index), codegen
+
+
+@intrinsic
+def broadcast4_x64(typingctx, arr, index):
+    """The 4 bytes at arr[index:index+4] repeated 16 times (vpbroadcastd): one activation quad for every row."""
+
+    def codegen(context, builder, sig, args):
+        d = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], I32), align=1)
+        v = builder.insert_element(ir.Constant(ir.VectorType(I32, 16), ir.Undefined), d, I32(0))
+        v = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 16), [0] * 16))
+        return builder.bitcast(v, i8x64.llvm_type)
+
+    return i8x64(arr, index), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, index):
+    """Ask for the cache line holding arr[index] (read, keep in all levels); never faults, even past the end."""
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        p = builder.bitcast(builder.gep(a.data, [args[1]]), I8.as_pointer())
+        _call(builder, "llvm.prefetch.p0", ir.VoidType(), [p, I32(0), I32(3), I32(1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, index), codegen
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Integer lane arithmetic (generic LLVM: legalised for the target).
+
+
+def _splat(vty, value):
+    return ir.Constant(vty, [ir.Constant(vty.element, value)] * vty.count)
+
+
+def _const_vec(vecty):
+    @intrinsic
+    def const(typingctx, value):
+        if not isinstance(value, types.IntegerLiteral):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return _splat(vecty.llvm_type, value.literal_value)
+
+        return vecty(value), codegen
+
+    return const
+
+
+splat_i16x32, splat_i32x16 = _const_vec(i16x32), _const_vec(i32x16)
+
+
+@intrinsic
+def pair_weights(typingctx, even, odd):
+    """(even, odd) repeated over 64 bytes: pmaddubsw multipliers. (1, 2) adds plane 2c to twice plane 2c+1 of
+    each row; (1, 0) and (0, 1) keep only the even or odd byte of each pair."""
+    if not isinstance(even, types.IntegerLiteral) or not isinstance(odd, types.IntegerLiteral):
+        return None
+    a, b = even.literal_value, odd.literal_value
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(i8x64.llvm_type, [ir.Constant(I8, b if i & 1 else a) for i in range(64)])
+
+    return i8x64(even, odd), codegen
+
+
+@intrinsic
+def zeros_f32x32(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(f32x32.llvm_type, [ir.Constant(ir.FloatType(), 0.0)] * 32)
+
+    return f32x32(), codegen
+
+
+@intrinsic
+def low_nibbles(typingctx, v):
+    """v & 0x0f per byte: the table index of the low half of each byte."""
+
+    def codegen(context, builder, sig, args):
+        return builder.and_(args[0], _splat(args[0].type, 0x0F))
+
+    return v(v), codegen
+
+
+@intrinsic
+def high_nibbles(typingctx, v):
+    """v >> 4 per byte (logical): the table index of the high half of each byte."""
+
+    def codegen(context, builder, sig, args):
+        return builder.lshr(args[0], _splat(args[0].type, 4))
+
+    return v(v), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    if a != b:
+        return None
+
+    def codegen(context, builder, sig, args):
+        if sig.args[0].kind == "f":
+            return builder.fadd(args[0], args[1])
+        return builder.add(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def vand(typingctx, a, b):
+    if a != b:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.and_(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def crumbs(typingctx, v, c):
+    """(v >> 2c) & 3 per byte: the c-th 2-bit code of every byte."""
+
+    def codegen(context, builder, sig, args):
+        shift = builder.trunc(args[1], I8)
+        sv = builder.insert_element(ir.Constant(i8x64.llvm_type, ir.Undefined), shift, I32(0))
+        sv = builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, 64), [0] * 64))
+        return builder.and_(builder.lshr(args[0], builder.add(sv, sv)), _splat(i8x64.llvm_type, 3))
+
+    return i8x64(v, c), codegen
+
+
+@intrinsic
+def odd_to_even(typingctx, v):
+    """Each odd byte moved onto the even byte before it, odd bytes zeroed (16-bit lanes shifted right by 8)."""
+
+    def codegen(context, builder, sig, args):
+        w = builder.bitcast(args[0], ir.VectorType(I16, 32))
+        return builder.bitcast(builder.lshr(w, _splat(w.type, 8)), i8x64.llvm_type)
+
+    return i8x64(v), codegen
+
+
+@intrinsic
+def duplicate_bytes(typingctx, v):
+    """32 bytes -> 64: every byte twice in a row (b0 b0 b1 b1 ...), to line a lone plane up with a plane pair."""
+
+    def codegen(context, builder, sig, args):
+        w = builder.zext(args[0], ir.VectorType(I16, 32))
+        return builder.bitcast(builder.or_(w, builder.shl(w, _splat(w.type, 8))), i8x64.llvm_type)
+
+    return i8x64(v), codegen
+
+
+@intrinsic
+def half(typingctx, v, which):
+    """Bytes 0-31 (which = 0) or 32-63 (which = 1) of a 64-byte vector."""
+    if not isinstance(which, types.IntegerLiteral):
+        return None
+    start = 32 * which.literal_value
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(I32, 32), list(range(start, start + 32))))
+
+    return i8x32(v, which), codegen
+
+
+@intrinsic
+def select_where_top2(typingctx, v, mode, a, b):
+    """Per byte: (v >> 6) == mode ? a : b. Picks the lookup of a byte's own mode (vpcmpeqb + vpblendvb)."""
+    if not isinstance(mode, types.IntegerLiteral):
+        return None
+    want = mode.literal_value
+
+    def codegen(context, builder, sig, args):
+        top = builder.lshr(args[0], _splat(args[0].type, 6))
+        return builder.select(builder.icmp_unsigned("==", top, _splat(args[0].type, want)), args[2], args[3])
+
+    return a(v, mode, a, b), codegen
+
+
+@intrinsic
+def widen_i8_i16(typingctx, v):
+    """Sign-extend 32 int8 to 32 int16 (vpmovsxbw)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.sext(args[0], i16x32.llvm_type)
+
+    return i16x32(v), codegen
+
+
+@intrinsic
+def i16_to_f32(typingctx, v):
+    """32 int16 -> 32 f32 exactly (vpmovsxwd + vcvtdq2ps)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(builder.sext(args[0], ir.VectorType(I32, 32)), f32x32.llvm_type)
+
+    return f32x32(v), codegen
+
+
+@intrinsic
+def i32_pair_to_f32(typingctx, lo, hi):
+    """Two int32x16 (rows 0-15, 16-31) -> 32 f32 in row order."""
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(_concat(builder, args[0], args[1]), f32x32.llvm_type)
+
+    return f32x32(lo, hi), codegen
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Float lane arithmetic.
+
+
+@intrinsic
+def fma_f32(typingctx, a, b, c):
+    """a * b + c per lane (vfmadd)."""
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.fma.v32f32", f32x32.llvm_type, list(args))
+
+    return f32x32(a, b, c), codegen
+
+
+@intrinsic
+def splat_f32(typingctx, s):
+    """A scalar (any number type, converted to f32) in all 32 lanes."""
+
+    def codegen(context, builder, sig, args):
+        s32 = context.cast(builder, args[0], sig.args[0], types.float32)
+        sv = builder.insert_element(ir.Constant(f32x32.llvm_type, ir.Undefined), s32, I32(0))
+        return builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, 32), [0] * 32))
+
+    return f32x32(s), codegen
+
+
+@intrinsic
+def load_f16(typingctx, arr, index):
+    """One fp16 value (bits in a u16 array) as f32: numba has no float16 type."""
+
+    def codegen(context, builder, sig, args):
+        h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], I16), align=1)
+        return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
+
+    return types.float32(arr, index), codegen
+
+
+@intrinsic
+def lane_f32(typingctx, v, i):
+    """One lane of an f32 vector as a scalar."""
+
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], args[1])
+
+    return types.float32(v, i), codegen
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The instructions LLVM will not find by itself.
+
+
+@intrinsic
+def shuffle_bytes(typingctx, isa, table, index):
+    """pshufb: out[i] = table[lane(i)][index[i] & 15] (index < 128). 32 or 64 byte lookups in one instruction."""
+    _check_isa(isa)
+    if table != index or table not in (i8x32, i8x64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if sig.args[1] == i8x32:
+            return _call(builder, "llvm.x86.avx2.pshuf.b", i8x32.llvm_type, list(args[1:]))
+        return _split_call(builder, isa.isa, "llvm.x86.avx512.pshuf.b.512", "llvm.x86.avx2.pshuf.b", I8, 64, list(args[1:]))
+
+    return table(isa, table, index), codegen
+
+
+@intrinsic
+def maddubs(typingctx, isa, unsigned, signed):
+    """pmaddubsw: int16 out[i] = u[2i] * s[2i] + u[2i+1] * s[2i+1] (u unsigned bytes, s signed; saturating)."""
+    _check_isa(isa)
+    if unsigned != i8x64 or signed != i8x64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _split_call(builder, isa.isa, "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx2.pmadd.ub.sw", I16, 32,
+                           list(args[1:]))
+
+    return i16x32(isa, unsigned, signed), codegen
+
+
+@intrinsic
+def dpbusd(typingctx, isa, acc, unsigned, signed):
+    """vpdpbusd (VNNI): int32 acc[i] += sum_j u[4i+j] * s[4i+j], u unsigned bytes, s signed bytes."""
+    _check_isa(isa)
+    if not isa.vnni or acc != i32x16 or unsigned != i8x64 or signed != i8x64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        a, u, s = (builder.bitcast(v, ir.VectorType(I32, 16)) for v in args[1:])
+        if isa.isa == "avx512":
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.512", i32x16.llvm_type, [a, u, s])
+        parts = [_halves(builder, v, 16) for v in (a, u, s)]
+        half = ir.VectorType(I32, 8)
+        lo = _call(builder, "llvm.x86.avx512.vpdpbusd.256", half, [p[0] for p in parts])
+        hi = _call(builder, "llvm.x86.avx512.vpdpbusd.256", half, [p[1] for p in parts])
+        return _concat(builder, lo, hi)
+
+    return i32x16(isa, acc, unsigned, signed), codegen

@@ -1,0 +1,300 @@
+"""LUT kernels against the float64 references: every format, awkward shapes, both SIMD widths, exact and int8 tables."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lutq.errors import LutqError
+from lutq.kernels import codebook, fineq, lut, reference, simd, vnni
+from lutq.kernels.layout import (pack_bitserial, pack_codebook, pack_crumbs, pack_group_params, pack_group_scales,
+                                 unpack_bitserial, unpack_codebook, unpack_crumbs)
+
+HOST = simd.detect_isa(simd.target_features())
+SIMD_ISAS = [name for name in ("avx2", "avx512") if simd.ISA_ORDER.index(name) <= simd.ISA_ORDER.index(HOST)]
+needs_simd = pytest.mark.skipif(not SIMD_ISAS, reason="no AVX2 on this CPU")
+
+INT8_TOL = 0.02  # max |y - y_ref| / max |y_ref| with int8 tables
+EXACT_TOL = 1e-5
+
+
+def rel_err(y, ref):
+    return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+
+def fp16_exact(a):
+    """Scales as the quantizers store them: fp16 values, widened to f32."""
+    return a.astype(np.float16).astype(np.float32)
+
+
+def uniform_case(rng, m, k, group, bits, ternary=False):
+    if ternary:
+        q = rng.integers(0, 3, (m, k)).astype(np.uint8)
+        s = fp16_exact(rng.uniform(0.5, 2.0, (m, k // group)))
+        return q, s, -s
+    q = rng.integers(0, 1 << bits, (m, k)).astype(np.uint8)
+    return q, fp16_exact(rng.uniform(0.01, 0.1, (m, k // group))), fp16_exact(rng.uniform(-0.2, 0.2, (m, k // group)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The SIMD layer
+
+
+@needs_simd
+@pytest.mark.parametrize("isa", SIMD_ISAS)
+def test_intrinsics_match_numpy(isa):
+    from numba import njit
+
+    from lutq.kernels.simd import (Isa, broadcast16_x64, i16_to_f32, load_i8x64, low_nibbles, maddubs, shuffle_bytes,
+                                   store_f32x32)
+
+    @njit
+    def shuffle_then_madd(w, table, idx, unsigned, out):
+        looked = shuffle_bytes(w, broadcast16_x64(table, 0), low_nibbles(load_i8x64(idx, 0)))
+        store_f32x32(out, 0, i16_to_f32(maddubs(w, load_i8x64(unsigned, 0), looked)))
+
+    rng = np.random.default_rng(1)
+    table = rng.integers(-128, 128, 16).astype(np.int8)
+    idx = rng.integers(0, 256, 64).astype(np.uint8)
+    unsigned = rng.integers(0, 256, 64).astype(np.uint8)
+    out = np.zeros(32, np.float32)
+    shuffle_then_madd(Isa(isa), table, idx, unsigned, out)
+    pairs = (unsigned.astype(np.int32) * table[idx & 15]).reshape(32, 2).sum(axis=1)
+    np.testing.assert_array_equal(out, np.clip(pairs, -32768, 32767))
+
+
+def test_isa_override_never_raises_above_the_host(monkeypatch):
+    monkeypatch.setenv("LUTQ_ISA", "portable")
+    assert simd.host_isa() == "portable"
+    monkeypatch.setenv("LUTQ_ISA", "sse9")
+    with pytest.raises(LutqError):
+        simd.host_isa()
+    if HOST != "avx512":
+        monkeypatch.setenv("LUTQ_ISA", "avx512")
+        with pytest.raises(LutqError):
+            simd.host_isa()
+
+
+def test_detect_isa_needs_every_feature():
+    assert simd.detect_isa({"avx2", "fma", "f16c"}) == "avx2"
+    assert simd.detect_isa({"avx2", "fma"}) == "portable"
+    assert simd.detect_isa({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}) == "avx512"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layout
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_bitserial_round_trip(bits):
+    rng = np.random.default_rng(bits)
+    q = rng.integers(0, 1 << bits, (45, 24)).astype(np.uint8)
+    np.testing.assert_array_equal(unpack_bitserial(pack_bitserial(q, bits), bits, 45, 24), q)
+
+
+def test_group_params_pad_rows_with_zeros():
+    s = np.arange(1, 41, dtype=np.float32).reshape(40, 1)
+    p = pack_group_params(s, -s).view(np.float16)
+    assert p.shape == (2, 1, 2, 32)
+    assert p[1, 0, 0, 7] == 40 and p[1, 0, 1, 7] == -40 and not p[1, 0, :, 8:].any()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Uniform formats and ternary
+
+
+SHAPES = [(77, 576, 64), (100, 1536, 128), (45, 2048, 32), (33, 5632, 128)]
+
+
+@pytest.mark.parametrize("m,k,group", SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, "ternary"])
+def test_bitserial_gemv(m, k, group, bits):
+    ternary = bits == "ternary"
+    bits = 2 if ternary else bits
+    rng = np.random.default_rng(m * k + bits)
+    q, s, z = uniform_case(rng, m, k, group, bits, ternary)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    ref = reference.matmul(reference.dequantize_uniform(q, s, z), x)
+    packed, params = pack_bitserial(q, bits), pack_group_params(s, z)
+    for exact, tol in ((True, EXACT_TOL), (False, INT8_TOL)):
+        tables = lut.Tables(k, group, tokens=3, exact=exact)
+        tables.build(x)
+        for threads in (1, 2):
+            out = np.full((3, m), np.nan, np.float32)
+            lut.gemv_bitserial(packed, params, bits, tables, out, threads=threads)
+            assert rel_err(out, ref) <= tol, (exact, threads)
+    for isa in SIMD_ISAS:  # every SIMD width this CPU has, not only the widest the dispatcher picks
+        out = np.full((3, m), np.nan, np.float32)
+        lut._simd_tiles(simd.Isa(isa), packed, params, tables.tables, tables.tscales, tables.sums, bits, 0,
+                        packed.shape[0], out)
+        assert rel_err(out, ref) <= INT8_TOL, isa
+    out = np.full((3, m), np.nan, np.float32)  # the portable path: int8 tables, plain loops
+    lut._plain_tiles(packed, params, tables.tables, tables.tscales, tables.sums, bits, 0, packed.shape[0], out)
+    assert rel_err(out, ref) <= INT8_TOL
+
+
+def test_unsupported_shapes_are_refused():
+    with pytest.raises(LutqError, match="unsupported shape"):
+        lut.Tables(100, 32)
+    with pytest.raises(LutqError, match="unsupported shape"):
+        lut.Tables(576, 96 * 4)
+    tables = lut.Tables(64, 32)
+    q = np.zeros((40, 64), np.uint8)
+    packed, params = pack_bitserial(q, 2), pack_group_params(np.ones((40, 2), np.float32), np.zeros((40, 2), np.float32))
+    with pytest.raises(LutqError, match="output"):
+        lut.gemv_bitserial(packed, params, 2, tables, np.zeros((1, 65), np.float32))
+    with pytest.raises(LutqError, match="bitserial layout of 3 bits"):
+        lut.gemv_bitserial(packed, params, 3, tables, np.zeros((1, 40), np.float32))
+    with pytest.raises(LutqError, match="do not match tables"):
+        lut.gemv_bitserial(packed, params, 2, lut.Tables(128, 32), np.zeros((1, 40), np.float32))
+    with pytest.raises(LutqError, match="activations"):
+        tables.build(np.zeros((1, 64), np.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ternary on the int8 dot-product (VNNI) kernel
+
+
+def test_crumbs_round_trip():
+    q = np.random.default_rng(5).integers(0, 4, (45, 48)).astype(np.uint8)
+    np.testing.assert_array_equal(unpack_crumbs(pack_crumbs(q), 45, 48), q)
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no VNNI on this CPU")
+@pytest.mark.parametrize("m,k,group", SHAPES)
+def test_vnni_gemv(m, k, group):
+    rng = np.random.default_rng(m + k)
+    q, s, z = uniform_case(rng, m, k, group, 2, ternary=True)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    ref = reference.matmul(reference.dequantize_uniform(q, s, z), x)
+    packed, params = pack_crumbs(q), pack_group_params(s, z)
+    acts = vnni.Int8Activations(k, group, tokens=2)
+    acts.build(x)
+    for threads in (1, 2):
+        out = np.full((2, m), np.nan, np.float32)
+        vnni.gemv_crumbs(packed, params, acts, out, threads=threads)
+        assert rel_err(out, ref) <= INT8_TOL
+    for isa in SIMD_ISAS:
+        out = np.full((2, m), np.nan, np.float32)
+        vnni._vnni_tiles(simd.Isa(isa, True), packed, params, acts.xq, acts.xscales, acts.sums, 0, packed.shape[0], out)
+        assert rel_err(out, ref) <= INT8_TOL, isa
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Codebook formats (nf2/nf3 on bitserial codes, nf4 on nibble codes)
+
+NF = {
+    2: np.array([-1, 0, 0.3379, 1], np.float32),
+    3: np.array([-1, -0.4786, -0.2171, 0, 0.1609, 0.3379, 0.5626, 1], np.float32),
+    4: np.array([-1, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0, 0.0796, 0.1609, 0.2461, 0.3379, 0.4407,
+                 0.5626, 0.7230, 1], np.float32),
+}
+
+
+def test_subset_coefficients_rebuild_the_codebook():
+    cb = NF[3].astype(np.float64)
+    coefs, base = codebook.subset_coefficients(cb)
+    for q in range(8):
+        value = cb[0] + sum(coefs[s - 1] for s in range(1, 8) if s & q == s)
+        assert abs(value - cb[q]) < 1e-6
+    assert abs(base - (cb[0] + coefs.sum() / 2)) < 1e-6
+
+
+def test_codebook_round_trip():
+    q = np.random.default_rng(6).integers(0, 16, (45, 48)).astype(np.uint8)
+    np.testing.assert_array_equal(unpack_codebook(pack_codebook(q), 45, 48), q)
+
+
+@pytest.mark.parametrize("m,k,group", SHAPES)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_nf_gemv(m, k, group, bits):
+    rng = np.random.default_rng(m * k + 7 * bits)
+    cb = NF[bits]
+    q = rng.integers(0, 1 << bits, (m, k)).astype(np.uint8)
+    s = fp16_exact(rng.uniform(0.01, 0.1, (m, k // group)))
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    ref = reference.matmul(reference.dequantize_codebook(q, s, cb), x)
+    scales = pack_group_scales(s)
+    packed = pack_codebook(q) if bits == 4 else pack_bitserial(q, bits)
+    for exact, tol in ((True, EXACT_TOL), (False, INT8_TOL)):
+        for threads in (1, 2):
+            out = np.full((2, m), np.nan, np.float32)
+            if bits == 4:
+                tables = codebook.CodebookTables(k, group, cb, tokens=2, exact=exact)
+                tables.build(x)
+                codebook.gemv_nf4(packed, scales, tables, out, threads=threads)
+            else:
+                tables = lut.Tables(k, group, tokens=2, exact=exact)
+                tables.build(x)
+                codebook.gemv_nf_bitserial(packed, scales, cb, tables, out, threads=threads)
+            assert rel_err(out, ref) <= tol, (exact, threads)
+    for isa in SIMD_ISAS:
+        out = np.full((2, m), np.nan, np.float32)
+        if bits == 4:
+            codebook._nf4_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, 0, packed.shape[0], out)
+        else:
+            coefs, base = codebook.subset_coefficients(cb)
+            codebook._nf_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, tables.sums, bits, coefs,
+                               base, 0, packed.shape[0], out)
+        assert rel_err(out, ref) <= INT8_TOL, isa
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fineq: clusters of 3 weights in one byte; codes from the quantizer itself (it owns the byte -> value map)
+
+
+@pytest.mark.parametrize("m,k,group", SHAPES + [(40, 160, 32)])  # K = 160: the last cluster is padded
+def test_fineq_gemv(m, k, group):
+    from lutq.quantize.fineq import FineQFormat
+
+    rng = np.random.default_rng(m * k + 11)
+    fmt = FineQFormat()
+    p = fmt.quantize(rng.standard_normal((m, k)).astype(np.float32), group)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    ref = reference.matmul(fmt.dequantize(p).astype(np.float64), x)
+    packed = np.asarray(p.arrays["codes"])
+    scales = pack_group_scales(np.asarray(p.arrays["scales"], np.float32))
+    for exact, tol in ((True, EXACT_TOL), (False, INT8_TOL)):
+        tables = fineq.ClusterTables(k, group, tokens=2, exact=exact)
+        tables.build(x)
+        for threads in (1, 2):
+            out = np.full((2, m), np.nan, np.float32)
+            fineq.gemv_fineq(packed, scales, tables, out, threads=threads)
+            assert rel_err(out, ref) <= tol, (exact, threads)
+    for isa in SIMD_ISAS:
+        out = np.full((2, m), np.nan, np.float32)
+        fineq._fineq_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, group, 0, packed.shape[0], out)
+        assert rel_err(out, ref) <= INT8_TOL, isa
+
+
+def test_fineq_tables_decode_every_byte_as_the_quantizer_does():
+    from lutq.quantize.fineq import CLUSTER_VALUES
+
+    np.testing.assert_array_equal(fineq.byte_values(), CLUSTER_VALUES)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Caching: a second process loads every kernel from numba's on-disk cache
+
+
+def test_second_run_compiles_nothing():
+    code = "from lutq.kernels import bench; bench.first_calls(); print(bench.compiled_signatures())"
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+            for _ in range(2)]
+    assert runs[1].stdout.split()[-1] == "0", runs[1].stdout + runs[1].stderr
+
+
+def test_bench_kernels_json():
+    import json
+
+    run = subprocess.run([sys.executable, "-m", "lutq", "bench", "kernels", "--shapes", "64x128", "--formats",
+                          "int2,nf3,fineq", "--threads", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    records = json.loads(run.stdout)
+    assert [r["format"] for r in records] == ["int2", "nf3", "fineq"]
+    for r in records:
+        assert {"m", "k", "format", "bits", "threads", "us", "gbps", "speedup_vs_numpy", "speedup_vs_dequant"} <= set(r)
+        assert (r["m"], r["k"], r["threads"]) == (64, 128, 1) and r["us"] > 0
