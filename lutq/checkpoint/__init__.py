@@ -29,7 +29,10 @@ def open_checkpoint(spec: str | Path) -> Checkpoint:
         raise CheckpointError(path, f"no such file or directory (MODEL is an HF directory, a .gguf file or one of: {names})")
     if path.is_dir():
         from lutq.checkpoint.hf import HFCheckpoint
+        from lutq.checkpoint.lutq_dir import QUANT_METHOD, LutqCheckpoint, quant_method
 
+        if quant_method(path) == QUANT_METHOD:
+            return LutqCheckpoint(path)
         return HFCheckpoint(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(path, "pickle weights are never loaded (unsafe); use safetensors or GGUF")

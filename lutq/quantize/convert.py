@@ -1,0 +1,205 @@
+"""`lutq quantize`: read a checkpoint one tensor at a time, quantize its linear weights, write a lutq directory.
+
+What is quantized, and how:
+- linear weights (every 2-D weight but the token embedding): the format the rules (or the bits-budget planner) give;
+- the token embedding: fp16, or int8 with `--embed int8`;
+- norms, biases and anything 1-D: fp32, unchanged;
+- a tied lm_head (no lm_head.weight in the source, tie_word_embeddings true) stays tied, reading the embedding,
+  unless a `GLOB=FORMAT` rule matches `lm_head` (or the budget planner is told to consider it): then the embedding is
+  quantized a second time as lm_head.weight and the written config says tie_word_embeddings false.
+
+Peak memory is about the largest tensor times a small constant (the search's float64 temporaries work on row chunks)
+plus the source's memory map: each tensor is loaded, quantized, written and dropped before the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from lutq.checkpoint.base import Checkpoint
+from lutq.checkpoint.lutq_dir import LutqDirWriter, module_name
+from lutq.errors import LutqError
+from lutq.quantize.packed import relative_error
+from lutq.quantize.registry import KEEP, get_format
+from lutq.quantize.rules import AUTO, GROUP_SIZES, Choice, Rules
+
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+EMBED_FORMATS = ("fp16", "int8")
+
+
+@dataclass
+class QuantizeOptions:
+    rules: Rules
+    group_size: int = 64
+    refine: bool = True
+    embed: str = "fp16"
+    bits_budget: float | None = None
+
+
+@dataclass
+class TensorReport:
+    name: str
+    format: str  # a format name, "fp16" or "fp32"
+    params: int
+    bytes: int
+    bits_per_weight: float
+    rel_error: float
+    seconds: float
+    group_size: int | None = None
+
+
+@dataclass
+class QuantizeReport:
+    source: str
+    out: str
+    options: dict
+    bytes_before: int
+    tensors: list[TensorReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of tensor data written (the safetensors files less their headers)."""
+        return sum(t.bytes for t in self.tensors)
+
+    def linear(self) -> list[TensorReport]:
+        return [t for t in self.tensors if t.name != EMBED and t.format != "fp32"]
+
+    def summary(self) -> dict:
+        lin = self.linear()
+        quantized = [t for t in lin if t.format != KEEP]
+        params_all = sum(t.params for t in self.tensors)
+        formats: dict[str, dict] = {}
+        for t in self.tensors:
+            f = formats.setdefault(t.format, {"tensors": 0, "params": 0, "bytes": 0, "rel_errors": []})
+            f["tensors"] += 1
+            f["params"] += t.params
+            f["bytes"] += t.bytes
+            f["rel_errors"].append(t.rel_error)
+        for f in formats.values():
+            f["bits_per_weight"] = 8 * f["bytes"] / f["params"]
+            f["mean_rel_error"] = float(np.mean(f.pop("rel_errors")))
+        return {
+            "source": self.source, "out": self.out, **self.options,
+            "bits_per_weight": 8 * sum(t.bytes for t in lin) / max(1, sum(t.params for t in lin)),
+            "bits_per_weight_all": 8 * self.bytes / max(1, params_all),
+            "bytes": self.bytes, "bytes_before": self.bytes_before,
+            "mean_rel_error": float(np.mean([t.rel_error for t in quantized])) if quantized else 0.0,
+            "seconds": self.seconds, "params": params_all, "formats": formats,
+        }
+
+    def to_json(self) -> dict:
+        return {"summary": self.summary(), "tensors": [vars(t) for t in self.tensors]}
+
+
+def is_linear(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and name.endswith(".weight") and name != EMBED
+
+
+def tied_head_requested(ckpt: Checkpoint, options: QuantizeOptions) -> bool:
+    """Whether a tied lm_head gets its own quantized tensor: only when a rule names it."""
+    tied = ckpt.config.tie_word_embeddings and not ckpt.has(LM_HEAD) and ckpt.has(EMBED)
+    return tied and options.rules.matching(LM_HEAD) is not None
+
+
+def linear_shapes(ckpt: Checkpoint, options: QuantizeOptions) -> dict[str, tuple[int, int]]:
+    shapes = {t.name: tuple(t.shape) for t in ckpt.tensors() if is_linear(t.name, tuple(t.shape))}
+    if tied_head_requested(ckpt, options):
+        shapes[LM_HEAD] = tuple(next(t.shape for t in ckpt.tensors() if t.name == EMBED))
+    return shapes
+
+
+def choose_formats(ckpt: Checkpoint, options: QuantizeOptions, on_progress=None) -> dict[str, Choice]:
+    """Linear weight name -> (format or "fp16", group size), from the rules or, with a bits budget, the planner."""
+    shapes = linear_shapes(ckpt, options)
+    g = options.group_size
+
+    def resolved(choice: Choice) -> Choice:
+        return Choice(choice.format, choice.group_size or g)
+
+    if options.bits_budget is None:
+        if options.rules.default.format == AUTO:
+            raise LutqError("--format auto needs --bits-budget (the budget is what chooses the formats)")
+        plan = {name: resolved(options.rules.format_for(name)) for name in shapes}
+    else:
+        from lutq.quantize.planner import plan_budget
+
+        pinned = {name: resolved(c) for name in shapes if (c := options.rules.matching(name)) is not None}
+        plan = plan_budget(ckpt, shapes, pinned, options, on_progress)
+    for name, (fmt, group_size) in plan.items():
+        if fmt != KEEP and shapes[name][1] % group_size:
+            raise LutqError(f"{name}: K = {shapes[name][1]} is not a multiple of the group size {group_size}")
+    return plan
+
+
+def load_checked(ckpt: Checkpoint, name: str) -> np.ndarray:
+    w = ckpt.load(name)
+    if not np.all(np.isfinite(w)):
+        raise LutqError(f"{name}: holds NaN or infinite values; refusing to quantize it")
+    return w
+
+
+def quantize_tensor(w: np.ndarray, choice: Choice, refine: bool, name: str):
+    """(PackedTensor, relative error); a shape the format cannot take becomes a LutqError naming the tensor."""
+    fmt = choice.format
+    try:
+        p = get_format(fmt).quantize(w, choice.group_size, refine)
+    except ValueError as e:
+        raise LutqError(f"{name}: cannot quantize to {fmt}: {e}") from None
+    return p, relative_error(w, get_format(fmt).dequantize(p))
+
+
+def quantize_checkpoint(ckpt: Checkpoint, out: Path, options: QuantizeOptions, force: bool = False,
+                        on_progress: Callable[[str, int, int], None] | None = None) -> QuantizeReport:
+    """Write the lutq directory `out`; on_progress(stage, done, total) reports weights processed."""
+    start = time.perf_counter()
+    if options.group_size not in GROUP_SIZES:
+        raise LutqError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {options.group_size}")
+    if options.embed not in EMBED_FORMATS:
+        raise LutqError(f"--embed must be one of {', '.join(EMBED_FORMATS)}, got {options.embed!r}")
+    infos = ckpt.tensors()
+    opts = {"format": str(options.rules), "group_size": options.group_size, "refine": options.refine,
+            "embed": options.embed, "bits_budget": options.bits_budget}
+    report = QuantizeReport(str(ckpt.path), str(out), opts, ckpt.file_bytes())
+    with LutqDirWriter(out, force) as writer:
+        plan = choose_formats(ckpt, options, on_progress)
+        extra_head = LM_HEAD in plan and not ckpt.has(LM_HEAD)
+        jobs = [(t.name, t.name, t.shape) for t in infos]  # (name written, name read, shape)
+        if extra_head:
+            jobs.append((LM_HEAD, EMBED, next(t.shape for t in infos if t.name == EMBED)))
+        total, done = sum(int(np.prod(shape)) for _, _, shape in jobs), 0
+        for name, source, _ in jobs:
+            t0 = time.perf_counter()
+            w = load_checked(ckpt, source)
+            choice = plan.get(name) or (Choice(options.embed, options.group_size) if name == EMBED else None)
+            fmt = choice.format if choice else None
+            if fmt == KEEP:
+                stored = w.astype(np.float16)
+                writer.add_plain(name, stored)
+                rep = TensorReport(name, KEEP, w.size, stored.nbytes, 16.0,
+                                   relative_error(w, stored.astype(np.float32)), 0.0)
+            elif fmt is None:
+                writer.add_plain(name, w)
+                rep = TensorReport(name, "fp32", w.size, w.nbytes, 32.0, 0.0, 0.0)
+            else:
+                p, err = quantize_tensor(w, choice, options.refine, name)
+                writer.add_packed(module_name(name), p)
+                rep = TensorReport(name, fmt, w.size, p.nbytes, p.bits_per_weight, err, 0.0, choice.group_size)
+            rep.seconds = time.perf_counter() - t0
+            report.tensors.append(rep)
+            done += w.size
+            del w
+            if on_progress is not None:
+                on_progress("quantize", done, total)
+        config = dataclasses.replace(ckpt.config, tie_word_embeddings=False) if extra_head else ckpt.config
+        report.seconds = time.perf_counter() - start
+        writer.write_json("quant_report.json", report.to_json())
+        writer.commit(config, opts, ckpt.tokenizer_dir())
+    return report

@@ -1,0 +1,118 @@
+"""`--bits-budget B`: choose a format per linear weight so the average bits/weight over the linear layers is <= B.
+
+1. Measure: every weight not pinned by a GLOB=FORMAT rule is quantized with each candidate format on an evenly spaced
+   sample of its rows (SAMPLE_ROWS; rows are quantized independently, so the sample's error estimates the whole's),
+   giving its relative squared error e = ||W - W_hat||^2 / ||W||^2 per candidate. Bits are each format's stored bits
+   per weight at the group size (codes + scales).
+2. Per weight, keep the lower convex hull of (bits, e): a candidate that costs more and is no better, or that lies
+   above the line between its neighbours, is never the best use of bits.
+3. Greedy: start every weight at its cheapest candidate, then repeatedly take the upgrade (the next hull point of one
+   weight) that removes the most error per bit spent, (e_before - e_after) / (params x bits added), while it fits.
+
+The objective is the sum over weights of e, each weight counted once whatever its size: a weight's output error
+relative to its output is what its e measures, and every linear layer's output lands on the residual stream alike.
+That makes small, sensitive weights (k_proj, v_proj) cheap to upgrade, as llama.cpp's k-quant mixes also find.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from lutq.errors import LutqError
+from lutq.quantize.registry import KEEP, get_format
+from lutq.quantize.rules import AUTO, Choice
+
+# (format, group size) pairs: the formats that led at their size for SmolLM2-135M (models.md; int2, int3 and ternary
+# were dominated there), at G = 64 and G = 32.
+CANDIDATES = (Choice("nf2", 64), Choice("fineq", 64), Choice("nf3", 64), Choice("nf3", 32), Choice("nf4", 64),
+              Choice("int4", 64), Choice("nf4", 32), Choice("int4", 32))
+SAMPLE_ROWS = 128
+
+
+def bits_of(choice: Choice, shape: tuple[int, int]) -> float:
+    """Stored bits per weight of a weight of this shape in this format (padding included)."""
+    m, k = shape
+    if choice.format == KEEP:
+        return 16.0
+    return 8 * get_format(choice.format).stored_bytes(m, k, choice.group_size) / (m * k)
+
+
+def measure(w: np.ndarray, candidates: list[Choice], refine: bool) -> dict[Choice, float]:
+    """Relative squared error of each candidate on a sample of w's rows."""
+    rows = np.unique(np.linspace(0, w.shape[0] - 1, min(SAMPLE_ROWS, w.shape[0])).astype(int))
+    sample = np.ascontiguousarray(w[rows])
+    norm = float(np.sum(sample.astype(np.float64) ** 2)) or 1.0
+    out = {}
+    for c in candidates:
+        f = get_format(c.format)
+        w_hat = f.dequantize(f.quantize(sample, c.group_size, refine))
+        out[c] = float(np.sum((w_hat.astype(np.float64) - sample) ** 2)) / norm
+    return out
+
+
+def hull(points: list[tuple[float, float, Choice]]) -> list[tuple[float, float, Choice]]:
+    """Lower convex hull of (bits, error, choice), by bits ascending, error strictly falling."""
+    out: list[tuple[float, float, Choice]] = []
+    for p in sorted(points):
+        if out and p[1] >= out[-1][1]:
+            continue  # more bits, no less error
+        while len(out) >= 2:
+            (b0, e0, _), (b1, e1, _) = out[-2], out[-1]
+            # drop the middle point when it lies on or above the segment from out[-2] to p
+            if (e1 - e0) * (p[0] - b0) >= (p[1] - e0) * (b1 - b0):
+                out.pop()
+            else:
+                break
+        out.append(p)
+    return out
+
+
+def plan_budget(ckpt, shapes: dict[str, tuple[int, int]], pinned: dict[str, Choice], options, on_progress=None):
+    """Linear weight name -> Choice, fitting options.bits_budget; pinned weights keep their rule's choice."""
+    budget = options.bits_budget
+    if budget <= 0:
+        raise LutqError(f"--bits-budget must be positive, got {budget}")
+    if options.rules.default.format != AUTO:
+        raise LutqError("--bits-budget chooses the default format: give --format auto[,GLOB=FORMAT...] or no --format")
+    free = [n for n in shapes if n not in pinned]
+    params = {n: shapes[n][0] * shapes[n][1] for n in shapes}
+    total_params = sum(params.values())
+    hulls: dict[str, list] = {}
+    for i, name in enumerate(free):
+        fits = [c for c in CANDIDATES if shapes[name][1] % c.group_size == 0]
+        if not fits:
+            raise LutqError(f"{name}: K = {shapes[name][1]} is not a multiple of any candidate's group size")
+        source = name if ckpt.has(name) else "model.embed_tokens.weight"  # a tied lm_head reads the embedding
+        errors = measure(ckpt.load(source), fits, options.refine)
+        hulls[name] = hull([(bits_of(c, shapes[name]), e, c) for c, e in errors.items()])
+        if on_progress is not None:
+            on_progress("plan", i + 1, len(free))
+    spent = sum(params[n] * bits_of(c, shapes[n]) for n, c in pinned.items())
+    level = {n: 0 for n in free}
+    spent += sum(params[n] * hulls[n][0][0] for n in free)
+    allowed = budget * total_params
+    if spent > allowed + 1e-6:
+        raise LutqError(f"--bits-budget {budget} is below the cheapest plan, "
+                        f"{spent / total_params:.3f} bits/weight over the linear layers")
+    heap: list[tuple[float, str]] = []
+
+    def push(name: str) -> None:
+        i, h = level[name], hulls[name]
+        if i + 1 < len(h):
+            (b0, e0, _), (b1, e1, _) = h[i], h[i + 1]
+            heapq.heappush(heap, (-(e0 - e1) / (params[name] * (b1 - b0)), name))
+
+    for name in free:
+        push(name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        i, h = level[name], hulls[name]
+        cost = params[name] * (h[i + 1][0] - h[i][0])
+        if spent + cost > allowed:
+            continue  # this upgrade does not fit; a cheaper one further down the heap still may
+        spent += cost
+        level[name] = i + 1
+        push(name)
+    return {**pinned, **{n: hulls[n][level[n]][2] for n in free}}
