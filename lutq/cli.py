@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from lutq.errors import LutqError
 
@@ -215,6 +216,12 @@ def quantize(
         raise LutqError("--format is required (or --bits-budget), e.g. --format nf4")
     rules = parse_rules(format or "auto")
     options = QuantizeOptions(rules, group_size, not no_refine, embed, bits_budget)
+    import signal
+
+    def interrupted(signum, frame):  # `kill` as well as Ctrl-C: unwind, so the partial directory is removed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
     with open_checkpoint(src) as ckpt, progress_bar() as bar:
         task = bar.add_task("quantize", total=None)
 
@@ -291,6 +298,102 @@ def eval(
     else:
         out.print(f"perplexity {res.perplexity:.4f} over {res.tokens} tokens ({res.windows} windows of {ctx}) "
                   f"in {res.seconds:.1f} s", markup=False, soft_wrap=True)
+
+
+class BenchGroup(TyperGroup):
+    """`lutq bench MODEL ...` runs the model benchmark; `lutq bench kernels ...` the kernel one."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["model", *args]
+        return super().parse_args(ctx, args)
+
+
+bench_app = typer.Typer(cls=BenchGroup, help="Measure speed: `lutq bench MODEL` (a model) or `lutq bench kernels`.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("model")
+def bench_model(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " A lutq directory is measured as it is."),
+    shape: Optional[str] = typer.Option(None, "--shape", help="Measure a random-weight model of a real architecture "
+                                        "instead: tinyllama-1.1b, llama3.2-1b or bitnet-2b."),
+    formats: str = typer.Option("int4", "--formats", help="Comma-separated formats to quantize to and measure; 'fp32' "
+                                "runs the model unquantized, 'as-is' runs a lutq directory as stored. A format may "
+                                "carry rules with + for commas: nf3+*.down_proj=int4."),
+    threads: str = typer.Option("1,2", "--threads", help="Comma-separated thread counts."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Prompt length for prefill."),
+    gen_tokens: int = typer.Option(64, "--gen-tokens", help="Tokens to decode."),
+    repeats: int = typer.Option(3, "--repeats", help="Repeats per configuration; medians are reported."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list of records instead of the table."),
+):
+    """Prefill and decode tokens/s, time to first token, peak RSS, model bytes and load time, per format and threads.
+
+    Records: model, format, threads, bits_per_weight, prefill_tps, decode_tps, ttft_s, peak_rss_mb, model_bytes, load_s.
+
+    Example: lutq bench smollm2-135m --formats int2,int4,nf3,ternary --threads 1,2
+    """
+    import json
+
+    from lutq import bench
+
+    if (model is None) == (shape is None):
+        raise LutqError("give MODEL or --shape (one of them)")
+    try:
+        thread_list = [int(v) for v in threads.split(",")]
+    except ValueError:
+        raise LutqError(f"--threads: {threads!r} is not a comma-separated list of numbers") from None
+    if min(thread_list) < 1 or min(prompt_tokens, gen_tokens, repeats) < 1:
+        raise LutqError("--threads, --prompt-tokens, --gen-tokens and --repeats must be >= 1")
+    fmts = [f.replace("+", ",") for f in formats.split(",")]
+    records = bench.run(model or f"random:{shape}", fmts, thread_list, prompt_tokens, gen_tokens, repeats, group_size,
+                        on_status=None if json_out else lambda s: err.print(f"[dim]{s}[/dim]"))
+    if json_out:
+        out.print(json.dumps(records, indent=1), markup=False, soft_wrap=True)
+    else:
+        wide_table(bench.table(records))
+
+
+def wide_table(table) -> None:
+    """Print a wide table whole: in a terminal at its width, into a pipe or file without folding (not at 80 columns)."""
+    (out if out.is_terminal else Console(highlight=False, width=200)).print(table)
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    shapes: Optional[str] = typer.Option(None, "--shapes", help="Comma-separated MxK, e.g. 576x576,4096x4096 "
+                                         "(default: 576x576 1536x576 576x1536 2048x2048 5632x2048 4096x4096)."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated formats (default: all)."),
+    threads: str = typer.Option("1,2", "--threads", help="Comma-separated thread counts."),
+    group: int = typer.Option(64, "--group", help="Quantization group size G."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list of records instead of the table."),
+):
+    """GEMV speed of every format's LUT kernel vs numpy fp32 and a numba dequantize-then-dot kernel, cold weights.
+
+    Records: m, k, format, bits, group, threads, us, gbps (codes + scales streamed per second), gbps_codes,
+    speedup_vs_numpy, speedup_vs_dequant, numpy_us, numpy_gbps.
+
+    Example: lutq bench kernels --shapes 2048x2048 --formats int2,int4 --threads 1
+    """
+    import json
+
+    try:
+        thread_list = [int(v) for v in threads.split(",")]
+    except ValueError:
+        raise LutqError(f"--threads: {threads!r} is not a comma-separated list of numbers") from None
+    set_threads(max(thread_list))  # before numba loads: it sizes its pool once
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # idle BLAS threads must not spin on the kernels' cores
+    from lutq.kernels import bench
+
+    records = bench.run(bench.parse_shapes(shapes, group), bench.parse_formats(formats), thread_list, group,
+                        progress=None if json_out else lambda r: err.print(
+                            f"[dim]{r['m']}x{r['k']} {r['format']} {r['threads']}t: {r['us']:.1f} us[/dim]"))
+    if json_out:
+        out.print(json.dumps(records, indent=1), markup=False, soft_wrap=True)
+    else:
+        wide_table(bench.table(records))
 
 
 def main(argv: list[str] | None = None) -> None:

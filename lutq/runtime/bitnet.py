@@ -16,20 +16,20 @@ import numpy as np
 
 from lutq.checkpoint.base import Checkpoint
 from lutq.runtime.attention import KVCache
-from lutq.runtime.linear import DenseLinear
+from lutq.runtime.linear import Linear
 from lutq.runtime.llama import LlamaModel, TensorSource, context_length, rms_norm
 
 
 @dataclass
 class BitNetLayer:
     input_norm: np.ndarray  # f32[D]
-    qkv_proj: DenseLinear  # D -> (H + 2 KV) * hd
+    qkv_proj: Linear  # D -> (H + 2 KV) * hd
     attn_sub_norm: np.ndarray  # f32[D]
-    o_proj: DenseLinear  # H * hd -> D
+    o_proj: Linear  # H * hd -> D
     post_attention_norm: np.ndarray  # f32[D]
-    gate_up_proj: DenseLinear  # D -> 2F
+    gate_up_proj: Linear  # D -> 2F
     ffn_sub_norm: np.ndarray  # f32[F]
-    down_proj: DenseLinear  # F -> D
+    down_proj: Linear  # F -> D
 
 
 def quantize_activations(x: np.ndarray) -> np.ndarray:
@@ -72,15 +72,14 @@ def load_bitnet(ckpt: Checkpoint, max_seq: int | None = None) -> BitNetModel:
         p = f"model.layers.{i}."
         layers.append(BitNetLayer(
             input_norm=src.get(p + "input_layernorm.weight", (D,)),
-            qkv_proj=DenseLinear.fuse([src.linear(p + "self_attn.q_proj", H * hd, D),
-                                       src.linear(p + "self_attn.k_proj", KV * hd, D),
-                                       src.linear(p + "self_attn.v_proj", KV * hd, D)]),
+            qkv_proj=src.fused([(p + "self_attn.q_proj", H * hd, D), (p + "self_attn.k_proj", KV * hd, D),
+                                (p + "self_attn.v_proj", KV * hd, D)]),
             attn_sub_norm=src.get(p + "self_attn.attn_sub_norm.weight", (D,)),
-            o_proj=DenseLinear(*src.linear(p + "self_attn.o_proj", D, H * hd)),
+            o_proj=src.linear(p + "self_attn.o_proj", D, H * hd),
             post_attention_norm=src.get(p + "post_attention_layernorm.weight", (D,)),
-            gate_up_proj=DenseLinear.fuse([src.linear(p + "mlp.gate_proj", F, D), src.linear(p + "mlp.up_proj", F, D)]),
+            gate_up_proj=src.fused([(p + "mlp.gate_proj", F, D), (p + "mlp.up_proj", F, D)]),
             ffn_sub_norm=src.get(p + "mlp.ffn_sub_norm.weight", (F,)),
-            down_proj=DenseLinear(*src.linear(p + "mlp.down_proj", D, F)),
+            down_proj=src.linear(p + "mlp.down_proj", D, F),
         ))
     norm = src.get("model.norm.weight", (D,))
     return BitNetModel(cfg, embed, layers, norm, src.lm_head(embed), context_length(cfg, max_seq))

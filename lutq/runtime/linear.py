@@ -1,8 +1,18 @@
-"""Linear layers the runtime calls. `DenseLinear` is the fp32 reference; quantized layers offer the same call."""
+"""Linear layers the runtime calls. `DenseLinear` is the fp32 reference; quantized layers (quant_linear.py) offer
+the same call: layer(x: f32[T, in]) -> f32[T, out], with `in_features`, `out_features` and `nbytes`."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
+
+
+class Linear(Protocol):
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
 
 
 class DenseLinear:

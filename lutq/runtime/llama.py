@@ -18,18 +18,18 @@ from lutq.checkpoint.base import Checkpoint
 from lutq.config import ModelConfig
 from lutq.errors import CheckpointError
 from lutq.runtime.attention import KVCache
-from lutq.runtime.linear import DenseLinear
+from lutq.runtime.linear import DenseLinear, Linear
 from lutq.runtime.ops import rms_norm_into, silu_mul_into
 
 
 @dataclass
 class LlamaLayer:
     input_norm: np.ndarray  # f32[D]
-    qkv_proj: DenseLinear  # D -> (H + 2 KV) * hd, q, k and v stacked: one matmul reads x once
-    o_proj: DenseLinear  # H * hd -> D
+    qkv_proj: Linear  # D -> (H + 2 KV) * hd, q, k and v together: one pass over x (stacked, or shared tables)
+    o_proj: Linear  # H * hd -> D
     post_attention_norm: np.ndarray  # f32[D]
-    gate_up_proj: DenseLinear  # D -> 2F, gate and up stacked
-    down_proj: DenseLinear  # F -> D
+    gate_up_proj: Linear  # D -> 2F, gate and up together
+    down_proj: Linear  # F -> D
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -94,11 +94,17 @@ class LlamaModel:
 
 
 class TensorSource:
-    """Reads a checkpoint's tensors, checking each against the shape the config implies."""
+    """Reads a checkpoint's tensors, checking each against the shape the config implies, and makes its linear layers:
+    fp32 (DenseLinear) from ordinary checkpoints, LUT-kernel layers from the packed weights of a lutq directory."""
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self.shapes = {t.name: t.shape for t in ckpt.tensors()}
+        self.quantized = getattr(ckpt, "is_packed", None) is not None
+        if self.quantized:
+            from lutq.runtime.quant_linear import TablePool
+
+            self.pool = TablePool()  # one set of table buffers for the whole model
 
     def get(self, name: str, shape: tuple[int, ...], optional: bool = False) -> np.ndarray | None:
         if name not in self.shapes:
@@ -110,14 +116,30 @@ class TensorSource:
                                                   f"the config implies {list(shape)}")
         return self.ckpt.load(name)
 
-    def linear(self, name: str, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(weight f32[rows, cols], bias f32[rows] or None) of the linear layer `name` (without .weight)."""
-        return self.get(name + ".weight", (rows, cols)), self.get(name + ".bias", (rows,), optional=True)
+    def linear(self, name: str, rows: int, cols: int):
+        """The layer `name` (without .weight): y = x @ W.T + b, W [rows, cols]."""
+        bias = self.get(name + ".bias", (rows,), optional=True)
+        if self.quantized and self.ckpt.is_packed(name + ".weight"):
+            from lutq.runtime.quant_linear import make_linear
 
-    def lm_head(self, embed: np.ndarray) -> DenseLinear:
+            if tuple(self.shapes.get(name + ".weight", ())) != (rows, cols):
+                self.get(name + ".weight", (rows, cols))  # raises the shape error
+            return make_linear(self.ckpt.packed(name + ".weight"), bias, self.pool)
+        return DenseLinear(self.get(name + ".weight", (rows, cols)), bias)
+
+    def fused(self, layers: list[tuple[str, int, int]]):
+        """Several layers reading the same input as one: a stacked matrix (fp32) or shared activation tables."""
+        parts = [self.linear(*spec) for spec in layers]
+        if all(isinstance(p, DenseLinear) for p in parts):
+            return DenseLinear.fuse([(p.weight, p.bias) for p in parts])
+        from lutq.runtime.quant_linear import FusedLinear
+
+        return FusedLinear(parts)
+
+    def lm_head(self, embed: np.ndarray):
         cfg = self.ckpt.config
         if "lm_head.weight" in self.shapes:
-            return DenseLinear(self.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size)))
+            return self.linear("lm_head", cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             return DenseLinear(embed)  # shares the embedding's memory
         raise CheckpointError(self.ckpt.path, "tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
@@ -138,13 +160,12 @@ def load_llama(ckpt: Checkpoint, max_seq: int | None = None) -> LlamaModel:
         p = f"model.layers.{i}."
         layers.append(LlamaLayer(
             input_norm=src.get(p + "input_layernorm.weight", (D,)),
-            qkv_proj=DenseLinear.fuse([src.linear(p + "self_attn.q_proj", H * hd, D),
-                                       src.linear(p + "self_attn.k_proj", KV * hd, D),
-                                       src.linear(p + "self_attn.v_proj", KV * hd, D)]),
-            o_proj=DenseLinear(*src.linear(p + "self_attn.o_proj", D, H * hd)),
+            qkv_proj=src.fused([(p + "self_attn.q_proj", H * hd, D), (p + "self_attn.k_proj", KV * hd, D),
+                                (p + "self_attn.v_proj", KV * hd, D)]),
+            o_proj=src.linear(p + "self_attn.o_proj", D, H * hd),
             post_attention_norm=src.get(p + "post_attention_layernorm.weight", (D,)),
-            gate_up_proj=DenseLinear.fuse([src.linear(p + "mlp.gate_proj", F, D), src.linear(p + "mlp.up_proj", F, D)]),
-            down_proj=DenseLinear(*src.linear(p + "mlp.down_proj", D, F)),
+            gate_up_proj=src.fused([(p + "mlp.gate_proj", F, D), (p + "mlp.up_proj", F, D)]),
+            down_proj=src.linear(p + "mlp.down_proj", D, F),
         ))
     norm = src.get("model.norm.weight", (D,))
     return LlamaModel(cfg, embed, layers, norm, src.lm_head(embed), context_length(cfg, max_seq))

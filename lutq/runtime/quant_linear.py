@@ -1,0 +1,129 @@
+"""Quantized linear layers: a PackedTensor run on its LUT kernel, never dequantized.
+
+T-MAC's tables depend only on the input vector, so every layer that reads the same input shares them (LUT Tensor
+Core's operator fusion): q/k/v read one normalised hidden state, gate/up another. `FusedLinear` builds each distinct
+table set once per call and lets every part look up into it; `TablePool` keeps the table buffers between calls, so a
+decode step allocates no tables.
+
+Which kernel runs which format:
+    int2/int3/int4, ternary, ternary-group   lut.gemv_bitserial   (+-x tables, kind "pm")
+    nf2, nf3                                 codebook.gemv_nf_bitserial (the same +-x tables)
+    nf4                                      codebook.gemv_nf4     (codebook x activation tables, kind "cb")
+    anything else (fineq, int8)              dequantized once at load, then BLAS (DenseLinear)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lutq.kernels import codebook as cb_kernels
+from lutq.kernels import lut
+from lutq.kernels.layout import pack_codebook, pack_group_params, pack_group_scales, unpack_bitserial
+from lutq.quantize.packed import PackedTensor
+from lutq.quantize.registry import dequantize
+from lutq.runtime.linear import DenseLinear
+
+BITSERIAL = {"int2": 2, "int3": 3, "int4": 4, "ternary": 2, "ternary-group": 2}
+
+
+class TablePool:
+    """Activation table buffers by (kind, K, G, tokens[, codebook]), reused across calls and layers."""
+
+    def __init__(self):
+        self.tables: dict[tuple, object] = {}
+
+    def get(self, key: tuple, tokens: int):
+        full = key + (tokens,)
+        if full not in self.tables:
+            kind, k, group = key[:3]
+            self.tables[full] = (lut.Tables(k, group, tokens) if kind == "pm" else
+                                 cb_kernels.CodebookTables(k, group, np.frombuffer(key[3], np.float32), tokens))
+        return self.tables[full]
+
+
+class QuantLinear:
+    """y = x @ W.T (+ bias) with W a PackedTensor on its LUT kernel."""
+
+    def __init__(self, p: PackedTensor, bias: np.ndarray | None, pool: TablePool):
+        self.out_features, self.in_features = m, k = p.shape
+        self.format, self.group = p.format, p.group_size
+        self.bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
+        self.pool = pool
+        self.post_scale = None  # per-tensor ternary: the exact fp32 scale, applied after the kernel
+        a = p.arrays
+        self.codes = np.ascontiguousarray(a["codes"])
+        self.nbytes = p.nbytes
+        # Scales and biases are small (1/16 of the codes at G = 64): laid out in tile order here, at load.
+        if p.format in BITSERIAL:
+            scales, biases = np.asarray(a["scales"], np.float32), np.asarray(a["biases"], np.float32)
+            if p.format == "ternary":
+                self.post_scale = np.float32(np.asarray(a["tensor_scale"])[0])
+                scales, biases = np.ones_like(scales), -np.ones_like(scales)
+            self.params = pack_group_params(scales, biases)
+            self.bits = BITSERIAL[p.format]
+            self.table_key = ("pm", k, self.group)
+        elif p.format in ("nf2", "nf3"):
+            self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
+            self.codebook = np.asarray(a["codebook"], np.float32)
+            self.table_key = ("pm", k, self.group)
+        elif p.format == "nf4":
+            self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
+            codebook = np.ascontiguousarray(a["codebook"], np.float32)
+            if p.meta.get("layout") == "bitserial":  # written before nf4 had its own layout
+                self.codes = pack_codebook(unpack_bitserial(self.codes, 4, m, k))
+            self.table_key = ("cb", k, self.group, codebook.tobytes())
+        else:
+            raise ValueError(f"no LUT kernel for format {p.format!r}")
+
+    def run(self, tables, out: np.ndarray) -> None:
+        """out: f32[N, out_features] from tables of the input (built by the caller)."""
+        if self.format in BITSERIAL:
+            lut.gemv_bitserial(self.codes, self.params, self.bits, tables, out)
+        elif self.format == "nf4":
+            cb_kernels.gemv_nf4(self.codes, self.params, tables, out)
+        else:
+            cb_kernels.gemv_nf_bitserial(self.codes, self.params, self.codebook, tables, out)
+        if self.post_scale is not None:
+            out *= self.post_scale
+        if self.bias is not None:
+            out += self.bias
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return FusedLinear([self])(x)
+
+
+class FusedLinear:
+    """Several linear layers reading one input: y = [x @ W1.T | x @ W2.T | ...], tables built once per kind."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.out_features = sum(p.out_features for p in parts)
+        self.in_features = parts[0].in_features
+        self.nbytes = sum(p.nbytes for p in parts)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x: f32[N, K] -> f32[N, sum of out_features]."""
+        x = np.ascontiguousarray(x, np.float32)
+        n = x.shape[0]
+        built = {}
+        outs = []
+        for part in self.parts:
+            if isinstance(part, DenseLinear):
+                outs.append(part(x))
+                continue
+            tables = built.get(part.table_key)
+            if tables is None:
+                tables = built[part.table_key] = part.pool.get(part.table_key, n)
+                tables.build(x)
+            out = np.empty((n, part.out_features), np.float32)
+            part.run(tables, out)
+            outs.append(out)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
+
+
+def make_linear(p: PackedTensor, bias: np.ndarray | None, pool: TablePool):
+    """The fastest layer for a PackedTensor: its LUT kernel, or dequantized fp32 where it has none."""
+    fmt = p.format
+    if fmt in BITSERIAL or fmt in ("nf2", "nf3", "nf4"):
+        return QuantLinear(p, bias, pool)
+    return DenseLinear(dequantize(p), bias)
