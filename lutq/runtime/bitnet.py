@@ -62,8 +62,8 @@ class BitNetModel(LlamaModel):
         return logits if all_logits else logits[0]
 
 
-def load_bitnet(ckpt: Checkpoint, max_seq: int | None = None) -> BitNetModel:
-    cfg, src = ckpt.config, TensorSource(ckpt)
+def load_bitnet(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True) -> BitNetModel:
+    cfg, src = ckpt.config, TensorSource(ckpt, kernels)
     D, H, KV, hd, F, V = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                           cfg.intermediate_size, cfg.vocab_size)
     embed = src.get("model.embed_tokens.weight", (V, D))

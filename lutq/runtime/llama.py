@@ -97,10 +97,11 @@ class TensorSource:
     """Reads a checkpoint's tensors, checking each against the shape the config implies, and makes its linear layers:
     fp32 (DenseLinear) from ordinary checkpoints, LUT-kernel layers from the packed weights of a lutq directory."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, kernels: bool = True):
         self.ckpt = ckpt
         self.shapes = {t.name: t.shape for t in ckpt.tensors()}
-        self.quantized = getattr(ckpt, "is_packed", None) is not None
+        # kernels=False runs packed weights dequantized to fp32: the reference the LUT path is tested against.
+        self.quantized = kernels and getattr(ckpt, "is_packed", None) is not None
         if self.quantized:
             from lutq.runtime.quant_linear import TablePool
 
@@ -149,9 +150,9 @@ def context_length(cfg: ModelConfig, max_seq: int | None) -> int:
     return min(max_seq or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
 
-def load_llama(ckpt: Checkpoint, max_seq: int | None = None) -> LlamaModel:
-    """Build the fp32 model from a checkpoint, reading one tensor at a time."""
-    cfg, src = ckpt.config, TensorSource(ckpt)
+def load_llama(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True) -> LlamaModel:
+    """Build the model from a checkpoint, reading one tensor at a time."""
+    cfg, src = ckpt.config, TensorSource(ckpt, kernels)
     D, H, KV, hd, F, V = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                           cfg.intermediate_size, cfg.vocab_size)
     embed = src.get("model.embed_tokens.weight", (V, D))

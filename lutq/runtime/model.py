@@ -7,9 +7,10 @@ from lutq.runtime.bitnet import load_bitnet
 from lutq.runtime.llama import LlamaModel, load_llama
 
 
-def load_model(ckpt: Checkpoint, max_seq: int | None = None) -> LlamaModel:
-    """The runnable model; max_seq bounds the KV cache (default: the config's context window)."""
+def load_model(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True) -> LlamaModel:
+    """The runnable model; max_seq bounds the KV cache (default: the config's context window). A lutq directory
+    runs on the LUT kernels, or with kernels=False on its weights dequantized to fp32."""
     if ckpt.config.model_type == "bitnet":
-        return load_bitnet(ckpt, max_seq)
+        return load_bitnet(ckpt, max_seq, kernels)
     # llama, mistral and qwen2 share one forward pass; biases are found by tensor name.
-    return load_llama(ckpt, max_seq)
+    return load_llama(ckpt, max_seq, kernels)

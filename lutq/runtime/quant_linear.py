@@ -9,7 +9,8 @@ Which kernel runs which format:
     int2/int3/int4, ternary, ternary-group   lut.gemv_bitserial   (+-x tables, kind "pm")
     nf2, nf3                                 codebook.gemv_nf_bitserial (the same +-x tables)
     nf4                                      codebook.gemv_nf4     (codebook x activation tables, kind "cb")
-    anything else (fineq, int8)              dequantized once at load, then BLAS (DenseLinear)
+    fineq                                    fineq.gemv_fineq      (five tables per 3-activation cluster, "fq")
+    anything else (int8)                     dequantized once at load, then BLAS (DenseLinear)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from lutq.kernels import codebook as cb_kernels
+from lutq.kernels import fineq as fq_kernels
 from lutq.kernels import lut
 from lutq.kernels.layout import pack_codebook, pack_group_params, pack_group_scales, unpack_bitserial
 from lutq.quantize.packed import PackedTensor
@@ -36,8 +38,12 @@ class TablePool:
         full = key + (tokens,)
         if full not in self.tables:
             kind, k, group = key[:3]
-            self.tables[full] = (lut.Tables(k, group, tokens) if kind == "pm" else
-                                 cb_kernels.CodebookTables(k, group, np.frombuffer(key[3], np.float32), tokens))
+            if kind == "pm":
+                self.tables[full] = lut.Tables(k, group, tokens)
+            elif kind == "fq":
+                self.tables[full] = fq_kernels.ClusterTables(k, group, tokens)
+            else:
+                self.tables[full] = cb_kernels.CodebookTables(k, group, np.frombuffer(key[3], np.float32), tokens)
         return self.tables[full]
 
 
@@ -72,6 +78,9 @@ class QuantLinear:
             if p.meta.get("layout") == "bitserial":  # written before nf4 had its own layout
                 self.codes = pack_codebook(unpack_bitserial(self.codes, 4, m, k))
             self.table_key = ("cb", k, self.group, codebook.tobytes())
+        elif p.format == "fineq":
+            self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
+            self.table_key = ("fq", k, self.group)
         else:
             raise ValueError(f"no LUT kernel for format {p.format!r}")
 
@@ -81,6 +90,8 @@ class QuantLinear:
             lut.gemv_bitserial(self.codes, self.params, self.bits, tables, out)
         elif self.format == "nf4":
             cb_kernels.gemv_nf4(self.codes, self.params, tables, out)
+        elif self.format == "fineq":
+            fq_kernels.gemv_fineq(self.codes, self.params, tables, out)
         else:
             cb_kernels.gemv_nf_bitserial(self.codes, self.params, self.codebook, tables, out)
         if self.post_scale is not None:
@@ -124,6 +135,6 @@ class FusedLinear:
 def make_linear(p: PackedTensor, bias: np.ndarray | None, pool: TablePool):
     """The fastest layer for a PackedTensor: its LUT kernel, or dequantized fp32 where it has none."""
     fmt = p.format
-    if fmt in BITSERIAL or fmt in ("nf2", "nf3", "nf4"):
+    if fmt in BITSERIAL or fmt in ("nf2", "nf3", "nf4", "fineq"):
         return QuantLinear(p, bias, pool)
     return DenseLinear(dequantize(p), bias)
