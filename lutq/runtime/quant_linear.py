@@ -20,7 +20,7 @@ import numpy as np
 from lutq.kernels import codebook as cb_kernels
 from lutq.kernels import fineq as fq_kernels
 from lutq.kernels import lut
-from lutq.kernels.layout import pack_codebook, pack_group_params, pack_group_scales, unpack_bitserial
+from lutq.kernels.layout import TILE_M, pack_codebook, pack_group_params, pack_group_scales, unpack_bitserial
 from lutq.quantize.packed import PackedTensor
 from lutq.quantize.registry import dequantize
 from lutq.runtime.linear import DenseLinear
@@ -102,12 +102,43 @@ class QuantLinear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return FusedLinear([self])(x)
 
+    def stackable_with(self, other: "QuantLinear") -> bool:
+        """Whether two layers over the same input can run as one kernel call: same kernel, tables and constants,
+        and whole tiles (row counts a multiple of 32, so stacking tiles stacks rows)."""
+        return (self.format == other.format and self.table_key == other.table_key
+                and self.post_scale is None and other.post_scale is None
+                and self.out_features % TILE_M == 0 and other.out_features % TILE_M == 0
+                and (self.bias is None) == (other.bias is None)
+                and (not hasattr(self, "codebook") or np.array_equal(self.codebook, other.codebook)))
+
+    @classmethod
+    def stack(cls, parts: list["QuantLinear"]) -> "QuantLinear":
+        """One layer whose tiles are the parts' tiles in order: q/k/v (or gate/up) in a single kernel call.
+        Copies the parts' codes once at load; per token it saves a kernel call and a concatenation per part."""
+        merged = object.__new__(cls)
+        merged.__dict__.update(parts[0].__dict__)
+        merged.codes = np.concatenate([p.codes for p in parts], axis=0)
+        merged.params = np.concatenate([p.params for p in parts], axis=0)
+        merged.out_features = sum(p.out_features for p in parts)
+        merged.nbytes = sum(p.nbytes for p in parts)
+        if parts[0].bias is not None:
+            merged.bias = np.concatenate([p.bias for p in parts])
+        return merged
+
 
 class FusedLinear:
-    """Several linear layers reading one input: y = [x @ W1.T | x @ W2.T | ...], tables built once per kind."""
+    """Several linear layers reading one input: y = [x @ W1.T | x @ W2.T | ...], tables built once per kind, and
+    neighbours that can share a kernel call stacked into one."""
 
     def __init__(self, parts: list):
-        self.parts = parts
+        stacked = [parts[0]]
+        for part in parts[1:]:
+            last = stacked[-1]
+            if isinstance(part, QuantLinear) and isinstance(last, QuantLinear) and last.stackable_with(part):
+                stacked[-1] = QuantLinear.stack([last, part])
+            else:
+                stacked.append(part)
+        self.parts = stacked
         self.out_features = sum(p.out_features for p in parts)
         self.in_features = parts[0].in_features
         self.nbytes = sum(p.nbytes for p in parts)
