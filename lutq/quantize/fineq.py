@@ -30,12 +30,11 @@ from __future__ import annotations
 import numpy as np
 
 from lutq.kernels.layout import TILE_M, padded_rows
-from lutq.quantize.packed import PackedTensor, check_shape, to_f16
+from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, to_f16
 
 LAYOUT_VERSION = 1
 SCALE_GRID = np.linspace(0.35, 1.0, 8, dtype=np.float32)  # candidate scale / plain scale
 LLOYD_ROUNDS = 3
-ROWS_PER_CHUNK = 512
 # For mode j (1..3), the positions (within the cluster) of the two weights kept at 3 bits.
 KEPT = np.array([[1, 2], [0, 2], [0, 1]])
 
@@ -177,13 +176,13 @@ class FineQFormat:
             care = care.reshape(n_clusters, 3)
         clusters = np.empty((m, n_clusters), np.uint8)
         scales = np.empty((m, k // group_size), np.float16)
-        for start in range(0, m, ROWS_PER_CHUNK):
-            rows = slice(start, min(m, start + ROWS_PER_CHUNK))
+
+        def fit(rows: slice) -> None:
             x = np.zeros((rows.stop - rows.start, k_pad), np.float32)
             x[:, :k] = w[rows]
-            byte, s = fit_rows(x.reshape(len(x), n_clusters, 3), group_size, refine, care)
-            clusters[rows] = byte
-            scales[rows] = s
+            clusters[rows], scales[rows] = fit_rows(x.reshape(len(x), n_clusters, 3), group_size, refine, care)
+
+        for_row_chunks(m, k_pad, fit)
         meta = {"format": self.name, "bits": 8, "group_size": group_size, "shape": [m, k], "k_padded": k_pad,
                 "layout": "fineq-clusters", "layout_version": LAYOUT_VERSION}
         return PackedTensor({"codes": pack(clusters), "scales": scales}, meta)

@@ -25,7 +25,7 @@ from statistics import NormalDist
 import numpy as np
 
 from lutq.kernels.layout import LAYOUT_VERSION, pack_bitserial, padded_rows, unpack_bitserial
-from lutq.quantize.packed import PackedTensor, check_shape, importance, row_chunks, to_f16, weighted_error
+from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, importance, to_f16, weighted_error
 
 OFFSET = (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16)) / 2  # QLoRA's 0.9677...
 SCALE_GRID = np.linspace(0.55, 1.0, 16)  # candidate scale / absmax
@@ -122,10 +122,13 @@ class NormalFloatFormat:
         ng = k // group_size
         q = np.empty((m, k), np.uint8)
         scales = np.empty((m, ng), np.float16)
-        for rows in row_chunks(m, k):
+
+        def fit(rows: slice) -> None:
             s, codes = fit_groups(w[rows].astype(np.float64).reshape(-1, group_size), self.codebook, refine)
             q[rows] = codes.reshape(-1, k)
             scales[rows] = s.reshape(-1, ng)
+
+        for_row_chunks(m, k, fit)
         meta = {"format": self.name, "bits": self.bits, "group_size": group_size, "shape": [m, k],
                 "layout": "bitserial", "layout_version": LAYOUT_VERSION}
         arrays = {"codes": pack_codes(q, self.bits), "scales": scales, "codebook": self.codebook.copy()}

@@ -13,14 +13,16 @@ format-specific keys documented in docs/FORMAT.md.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-# Rows quantized per numpy pass: large enough that numpy's per-call overhead vanishes, small enough that the
-# float64 temporaries of a search step stay in cache-friendly tens of megabytes.
-CHUNK_ELEMENTS = 1 << 20
+# Weights quantized per numpy pass: large enough that numpy's per-call overhead vanishes, small enough that the
+# float64 temporaries of a search step stay in a few megabytes and a 576 x 576 weight still splits across threads.
+CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -56,11 +58,32 @@ class PackedTensor:
         return 8 * self.nbytes / (m * k)
 
 
-def row_chunks(m: int, k: int):
-    """Slices of rows covering [0, m), about CHUNK_ELEMENTS weights each."""
-    step = max(1, CHUNK_ELEMENTS // max(k, 1))
-    for start in range(0, m, step):
-        yield slice(start, min(m, start + step))
+def row_chunks(m: int, k: int, elements: int = CHUNK_ELEMENTS) -> list[slice]:
+    """Slices of rows covering [0, m), about `elements` weights each."""
+    step = max(1, elements // max(k, 1))
+    return [slice(start, min(m, start + step)) for start in range(0, m, step)]
+
+
+def worker_count() -> int:
+    """Threads for quantizing: --threads (which sets OMP_NUM_THREADS), else every core."""
+    n = os.environ.get("OMP_NUM_THREADS", "")
+    return int(n) if n.isdigit() and int(n) > 0 else (os.cpu_count() or 1)
+
+
+def for_row_chunks(m: int, k: int, fn: Callable[[slice], None], elements: int = CHUNK_ELEMENTS) -> None:
+    """Call fn(rows) for every chunk of rows, on worker threads.
+
+    Rows are quantized independently, so the result does not depend on the chunking; numpy releases the GIL inside
+    its array loops, so threads run the chunks in parallel. fn writes its rows of preallocated outputs.
+    """
+    chunks = row_chunks(m, k, elements)
+    workers = min(worker_count(), len(chunks))
+    if workers <= 1:
+        for rows in chunks:
+            fn(rows)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fn, chunks))  # list(): re-raises a worker's exception here
 
 
 def check_shape(w: np.ndarray, group_size: int, k_multiple: int = 8) -> tuple[int, int]:

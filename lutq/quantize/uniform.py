@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from lutq.kernels.layout import LAYOUT_VERSION, pack_bitserial, padded_rows, unpack_bitserial
-from lutq.quantize.packed import PackedTensor, check_shape, row_chunks, sq_error, to_f16
+from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, sq_error, to_f16
 
 # Step = (max - min) / nmax / f for f on this grid: f > 1 clips the tails to resolve the bulk more finely.
 STEP_GRID = np.linspace(0.85, 1.6, 16)
@@ -104,12 +104,15 @@ class UniformFormat:
         q = np.empty((m, k), np.uint8)
         scales = np.empty((m, ng), np.float16)
         biases = np.empty((m, ng), np.float16)
-        for rows in row_chunks(m, k):
+
+        def fit(rows: slice) -> None:
             x = w[rows].astype(np.float64).reshape(-1, group_size)
             d, b, codes = fit_groups(x, self.bits, refine)
             q[rows] = codes.reshape(-1, k)
             scales[rows] = d.reshape(-1, ng)
             biases[rows] = b.reshape(-1, ng)
+
+        for_row_chunks(m, k, fit)
         meta = {"format": self.name, "bits": self.bits, "group_size": group_size, "shape": [m, k],
                 "layout": "bitserial", "layout_version": LAYOUT_VERSION}
         return PackedTensor({"codes": pack_codes(q, self.bits), "scales": scales, "biases": biases}, meta)
