@@ -28,8 +28,14 @@ def cache_dir() -> Path:
     return Path(base) / "lutq" / "bench"
 
 
+def bench_rules(fmt: str) -> str:
+    """The rules a benchmarked format is quantized with: lm_head (tied or not) in 4 bits unless `fmt` names it, as
+    llama.cpp quantizes its output matrix, since an fp16 head of a small model costs more per token than all layers."""
+    return fmt if "lm_head=" in fmt else f"{fmt},lm_head={head_format(fmt)}"
+
+
 def quantized_copy(model: str, fmt: str, group_size: int, on_status=None) -> str:
-    """A lutq directory of `model` in format rules `fmt` (lm_head quantized too unless a rule says otherwise)."""
+    """A lutq directory of `model` quantized with bench_rules(fmt), cached."""
     from lutq.checkpoint import open_checkpoint
     from lutq.quantize.convert import QuantizeOptions, quantize_checkpoint
     from lutq.quantize.rules import parse_rules
@@ -40,7 +46,7 @@ def quantized_copy(model: str, fmt: str, group_size: int, on_status=None) -> str
                         f"{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
     if (out / "config.json").exists():
         return str(out)
-    rules = fmt if "lm_head=" in fmt else f"{fmt},lm_head={head_format(fmt)}"
+    rules = bench_rules(fmt)
     if on_status:
         on_status(f"quantizing {model} to {rules} (cached in {out})")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,8 +122,9 @@ def run(model: str, formats: list[str], threads: list[int], prompt_tokens: int, 
         res = subprocess.run(args, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             raise LutqError(f"bench worker for {fmt} failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+        rules = fmt if fmt in FP or fmt == "as-is" else bench_rules(fmt)
         for rec in json.loads(res.stdout):
-            records.append({"model": model, "format": fmt, **rec})
+            records.append({"model": model, "format": fmt, "rules": rules, **rec})
     return records
 
 
@@ -126,12 +133,12 @@ def table(records: list[dict]):
 
     best = max(r["decode_tps"] for r in records)
     t = Table(title="lutq bench (medians)", title_justify="left")
-    for col in ("model", "format", "threads", "bits/weight", "size MiB", "load s", "peak RSS MiB", "prefill tok/s",
+    for col in ("model", "format (rules)", "threads", "bits/weight", "size MiB", "load s", "peak RSS MiB", "prefill tok/s",
                 "TTFT s", "decode tok/s", ""):
-        t.add_column(col, justify="left" if col in ("model", "format", "") else "right")
+        t.add_column(col, justify="left" if col in ("model", "format (rules)", "") else "right")
     for r in records:
         bar = "█" * max(1, round(30 * r["decode_tps"] / best))
-        t.add_row(Path(r["model"]).name, r["format"], str(r["threads"]), f"{r['bits_per_weight']:.2f}",
+        t.add_row(Path(r["model"]).name, r["rules"], str(r["threads"]), f"{r['bits_per_weight']:.2f}",
                   f"{r['model_bytes'] / 2**20:.1f}", f"{r['load_s']:.2f}", f"{r['peak_rss_mb']:.0f}",
                   f"{r['prefill_tps']:.1f}", f"{r['ttft_s']:.3f}", f"{r['decode_tps']:.1f}", bar)
     return t

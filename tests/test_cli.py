@@ -208,3 +208,17 @@ def test_prompt_longer_than_the_context_window(tiny):
     res = lutq("generate", tiny, "-p", "The quick brown fox " * 200, "-n", "4")
     assert_clean_error(res, "does not fit the context window")
     assert res.stdout == ""  # refused before anything is printed
+
+
+def test_bench_model_json(tiny, tmp_path):
+    res = lutq("bench", tiny, "--formats", "int4,fp32", "--threads", "1", "--repeats", "1", "--prompt-tokens", "8",
+               "--gen-tokens", "4", "--group-size", "32", "--json", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    records = json.loads(res.stdout)
+    assert [r["format"] for r in records] == ["int4", "fp32"]
+    keys = {"model", "format", "threads", "bits_per_weight", "prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb",
+            "model_bytes", "load_s"}
+    for r in records:
+        assert keys <= set(r) and r["decode_tps"] > 0 and r["peak_rss_mb"] > 0
+    assert records[0]["rules"] == "int4,lm_head=int4"
+    assert records[0]["model_bytes"] < records[1]["model_bytes"]  # the quantized copy is smaller than the fp32 model
