@@ -304,7 +304,7 @@ class BenchGroup(TyperGroup):
     """`lutq bench MODEL ...` runs the model benchmark; `lutq bench kernels ...` the kernel one."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
             args = ["model", *args]
         return super().parse_args(ctx, args)
 
