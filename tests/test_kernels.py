@@ -10,8 +10,9 @@ import pytest
 
 from lutq.errors import LutqError
 from lutq.kernels import codebook, fineq, lut, reference, simd, vnni
-from lutq.kernels.layout import (pack_bitserial, pack_codebook, pack_crumbs, pack_group_params, pack_group_scales,
-                                 unpack_bitserial, unpack_codebook, unpack_crumbs)
+from lutq.kernels.layout import (pack_bitserial, pack_codebook, pack_codebook_pairs, pack_crumbs, pack_group_params,
+                                 pack_group_scales, unpack_bitserial, unpack_codebook, unpack_codebook_pairs,
+                                 unpack_crumbs)
 
 HOST = simd.detect_isa(simd.target_features())
 SIMD_ISAS = [name for name in ("avx2", "avx512") if simd.ISA_ORDER.index(name) <= simd.ISA_ORDER.index(HOST)]
@@ -143,7 +144,8 @@ def test_unsupported_shapes_are_refused():
         lut.Tables(576, 96 * 4)
     tables = lut.Tables(64, 32)
     q = np.zeros((40, 64), np.uint8)
-    packed, params = pack_bitserial(q, 2), pack_group_params(np.ones((40, 2), np.float32), np.zeros((40, 2), np.float32))
+    ones = np.ones((40, 2), np.float32)
+    packed, params = pack_bitserial(q, 2), pack_group_params(ones, 0 * ones)
     with pytest.raises(LutqError, match="output"):
         lut.gemv_bitserial(packed, params, 2, tables, np.zeros((1, 65), np.float32))
     with pytest.raises(LutqError, match="bitserial layout of 3 bits"):
@@ -206,23 +208,27 @@ def test_subset_coefficients_rebuild_the_codebook():
 def test_codebook_round_trip():
     q = np.random.default_rng(6).integers(0, 16, (45, 48)).astype(np.uint8)
     np.testing.assert_array_equal(unpack_codebook(pack_codebook(q), 45, 48), q)
+    np.testing.assert_array_equal(unpack_codebook_pairs(pack_codebook_pairs(q & 3), 45, 48), q & 3)
 
 
 @pytest.mark.parametrize("m,k,group", SHAPES)
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, "2-pairs"])
 def test_nf_gemv(m, k, group, bits):
-    rng = np.random.default_rng(m * k + 7 * bits)
+    pairs = bits == "2-pairs"
+    bits = 2 if pairs else bits
+    rng = np.random.default_rng(m * k + 7 * bits + pairs)
     cb = NF[bits]
     q = rng.integers(0, 1 << bits, (m, k)).astype(np.uint8)
     s = fp16_exact(rng.uniform(0.01, 0.1, (m, k // group)))
     x = rng.standard_normal((2, k)).astype(np.float32)
     ref = reference.matmul(reference.dequantize_codebook(q, s, cb), x)
     scales = pack_group_scales(s)
-    packed = pack_codebook(q) if bits == 4 else pack_bitserial(q, bits)
+    on_codebook_layout = bits == 4 or pairs
+    packed = pack_codebook(q) if bits == 4 else pack_codebook_pairs(q) if pairs else pack_bitserial(q, bits)
     for exact, tol in ((True, EXACT_TOL), (False, INT8_TOL)):
         for threads in (1, 2):
             out = np.full((2, m), np.nan, np.float32)
-            if bits == 4:
+            if on_codebook_layout:
                 tables = codebook.CodebookTables(k, group, cb, tokens=2, exact=exact)
                 tables.build(x)
                 codebook.gemv_nf4(packed, scales, tables, out, threads=threads)
@@ -233,7 +239,7 @@ def test_nf_gemv(m, k, group, bits):
             assert rel_err(out, ref) <= tol, (exact, threads)
     for isa in SIMD_ISAS:
         out = np.full((2, m), np.nan, np.float32)
-        if bits == 4:
+        if on_codebook_layout:
             codebook._nf4_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, 0, packed.shape[0], out)
         else:
             coefs, base = codebook.subset_coefficients(cb)

@@ -21,7 +21,8 @@ import numpy as np
 
 from lutq.errors import LutqError
 from lutq.kernels import codebook, fineq, lut, vnni
-from lutq.kernels.layout import pack_bitserial, pack_codebook, pack_crumbs, pack_group_params, pack_group_scales
+from lutq.kernels.layout import (pack_bitserial, pack_codebook, pack_codebook_pairs, pack_crumbs, pack_group_params,
+                                 pack_group_scales)
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 2048), (5632, 2048), (4096, 4096)]
 COLD_BYTES = 192 << 20  # more than the last-level cache: every call streams its weights from DRAM
@@ -104,18 +105,18 @@ def vnni_contenders(rng, m, k, group, x, tables):
 
 
 def nf_contenders(rng, m, k, group, bits, x, tables):
-    """nf2/nf3 on bitserial codes with the shared ±x tables, nf4 on nibble codes with per-activation tables (random
-    sorted levels: the kernels' speed does not depend on them; lutq.kernels imports nothing from quantize). The
-    dequantize baseline is the uniform one of the same bits (same layout and decode work, an affine map instead
-    of a codebook lookup)."""
+    """nf3 on bitserial codes with the shared ±x tables; nf4 (nf2) on nibble codes with a table per activation
+    (activation pair). Random sorted levels: the speed does not depend on them, and lutq.kernels imports nothing
+    from quantize. The dequantize baseline is the uniform one of the same bits (same decode work, an affine map
+    instead of a codebook lookup)."""
     cb = np.sort(rng.uniform(-1, 1, 1 << bits)).astype(np.float32)  # speed does not depend on the levels
     q = rng.integers(0, 1 << bits, (m, k)).astype(np.uint8)
-    packed = pack_codebook(q) if bits == 4 else pack_bitserial(q, bits)
+    packed = {2: pack_codebook_pairs, 3: lambda c: pack_bitserial(c, 3), 4: pack_codebook}[bits](q)
     scales = pack_group_scales(rng.uniform(0.01, 0.1, (m, k // group)).astype(np.float32))
     n = copies_for(packed.nbytes + scales.nbytes)
     weights = [(packed.copy(), scales.copy()) for _ in range(n)]
     out = np.zeros((1, m), np.float32)
-    if bits == 4:
+    if bits != 3:
         cb_tables = codebook.CodebookTables(k, group, cb)
 
         def run_nf(i):

@@ -13,6 +13,11 @@ accumulators meet their float coefficients once per group:
 
 So nf3 streams exactly its 3 bits per weight. nf4 would need 15 subset planes; it has its own layout instead
 (layout.pack_codebook: one code per nibble) and a 16-entry table per activation, T_k[j] = codebook[j] x_k.
+
+nf2 runs either way: on bitserial codes with 3 subset planes, or (faster: ~1.7x fewer instructions per byte, measured
+1.7x slower than int2 on the subsets and about as fast as int2 on pairs) on the codebook layout with two codes per
+nibble (layout.pack_codebook_pairs) and a 16-entry table per activation pair,
+T_i[j] = cb[j & 3] x_2i + cb[j >> 2] x_2i+1.
 """
 
 from __future__ import annotations
@@ -182,7 +187,7 @@ def _nf_plain_tiles(packed, scales, tables, tscales, sums, bits, coefs, base, t0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# nf4 on the codebook layout: a table per activation
+# nf4 (and nf2 as pair codes) on the codebook layout: a table per activation (per activation pair)
 #
 #   per tile and column quad j, 64 bytes:  [ r0..r31: q4j | q4j+1 << 4 ][ r0..r31: q4j+2 | q4j+3 << 4 ]
 #   tables, per quad: [ T4j | T4j+2 | T4j+1 | T4j+3 ]  (16 bytes each)
@@ -192,33 +197,32 @@ def _nf_plain_tiles(packed, scales, tables, tscales, sums, bits, coefs, base, t0
 
 
 @njit(cache=True)
-def build_codebook_tables_int8(x, codebook, group, tables, tscales):
-    """x f32[N, K] -> tables i8[N, K/4, 4, 16] (T_k[j] = codebook[j] x_k, quad order 4j, 4j+2, 4j+1, 4j+3),
-    tscales f32[N, K/G]."""
+def build_codebook_tables(x, codebook, group, span, quantize, tables, tscales):
+    """x f32[N, K] -> tables [N, K/(4 span), 4, 16] in quad order (virtual columns 4j, 4j+2, 4j+1, 4j+3), int8 with
+    tscales f32[N, K/G] (quantize) or f32 with tscales 1. Entry e of virtual column i: cb[e] x_i (span 1, nf4) or
+    cb[e & 3] x_2i + cb[e >> 2] x_2i+1 (span 2, nf2)."""
     n_tok, k = x.shape
-    peak_cb = np.abs(codebook).max()
+    per_group = group // span
+    values = np.empty((per_group, 16), np.float64)
     for n in range(n_tok):
         for g in range(k // group):
             peak = 0.0
-            for i in range(g * group, (g + 1) * group):
-                peak = max(peak, abs(np.float64(x[n, i])) * peak_cb)
-            inv = TABLE_MAX / peak if peak > 0 else 0.0
-            tscales[n, g] = peak / TABLE_MAX
-            for i in range(g * group, (g + 1) * group):
-                slot = (i & 1) * 2 + ((i >> 1) & 1)  # column 4j + c sits at slot (0, 2, 1, 3)[c]
+            for v in range(per_group):
+                i = g * per_group + v
                 for e in range(16):
-                    tables[n, i // 4, slot, e] = np.int8(np.rint(codebook[e] * x[n, i] * inv))
-
-
-@njit(cache=True)
-def build_codebook_tables_f32(x, codebook, group, tables, tscales):
-    n_tok, k = x.shape
-    for n in range(n_tok):
-        for g in range(k // group):
-            tscales[n, g] = 1.0
-        for i in range(k):
-            for e in range(16):
-                tables[n, i // 4, (i & 1) * 2 + ((i >> 1) & 1), e] = np.float64(codebook[e]) * x[n, i]
+                    if span == 1:
+                        values[v, e] = np.float64(codebook[e]) * x[n, i]
+                    else:
+                        values[v, e] = (np.float64(codebook[e & 3]) * x[n, 2 * i] +
+                                        np.float64(codebook[e >> 2]) * x[n, 2 * i + 1])
+                    peak = max(peak, abs(values[v, e]))
+            inv = TABLE_MAX / peak if peak > 0 else 0.0
+            tscales[n, g] = peak / TABLE_MAX if quantize else 1.0
+            for v in range(per_group):
+                i = g * per_group + v
+                slot = (i & 1) * 2 + ((i >> 1) & 1)  # virtual column 4j + c sits at slot (0, 2, 1, 3)[c]
+                for e in range(16):
+                    tables[n, i // 4, slot, e] = np.rint(values[v, e] * inv) if quantize else values[v, e]
 
 
 @njit(cache=True, inline="always")
@@ -278,29 +282,34 @@ def _nf4_plain_tiles(packed, scales, tables, tscales, t0, t1, out):
                     for j in range(g * quads_per_group, (g + 1) * quads_per_group):
                         for h in range(2):
                             byte = packed[t, j, h, r]
-                            lookups += np.float64(tables[n, j, h, byte & 15]) + np.float64(tables[n, j, 2 + h, byte >> 4])
-                    acc += np.float64(load_f16(scales, (t * n_groups + g) * 32 + r)) * np.float64(tscales[n, g]) * lookups
+                            lookups += (np.float64(tables[n, j, h, byte & 15]) +
+                                        np.float64(tables[n, j, 2 + h, byte >> 4]))
+                    scale = np.float64(load_f16(scales, (t * n_groups + g) * 32 + r))
+                    acc += scale * np.float64(tscales[n, g]) * lookups
                 out[n, TILE_M * t + r] = acc
 
 
 class CodebookTables:
-    """nf4's activation tables: a 16-entry table per activation (codebook level x activation), int8 per group."""
+    """Tables for the codebook layout: nf4 (16 levels) gets a table per activation, T_k[j] = cb[j] x_k; nf2 (4 levels,
+    layout.pack_codebook_pairs) a table per activation pair, T_i[j] = cb[j & 3] x_2i + cb[j >> 2] x_2i+1. int8 with
+    one scale per group (exact=True: fp32)."""
 
     def __init__(self, k: int, group: int, codebook: np.ndarray, tokens: int = 1, exact: bool = False):
         check_group(k, group)
-        if len(codebook) != 16 or (not exact and group > 128):
-            raise LutqError(f"unsupported: nf4 tables need a 16-level codebook and G <= 128, got {len(codebook)}, {group}")
+        if len(codebook) not in (4, 16) or (not exact and group > 128):
+            raise LutqError(f"unsupported: codebook tables need 4 or 16 levels and G <= 128, "
+                            f"got {len(codebook)} levels, G = {group}")
         self.k, self.group, self.exact = k, group, exact
+        self.span = 2 if len(codebook) == 4 else 1  # activations per table
         self.codebook = np.asarray(codebook, np.float32)
-        self.tables = np.zeros((tokens, k // 4, 4, 16), np.float32 if exact else np.int8)
+        self.tables = np.zeros((tokens, k // (4 * self.span), 4, 16), np.float32 if exact else np.int8)
         self.tscales = np.zeros((tokens, k // group), np.float32)
 
     def build(self, x: np.ndarray) -> None:
         if x.dtype != np.float32 or x.shape != (self.tables.shape[0], self.k):
             raise LutqError(f"activations {x.dtype}{list(x.shape)} do not match tables for "
                             f"f32[{self.tables.shape[0]}, {self.k}]")
-        build = build_codebook_tables_f32 if self.exact else build_codebook_tables_int8
-        build(x, self.codebook, self.group, self.tables, self.tscales)
+        build_codebook_tables(x, self.codebook, self.group, self.span, not self.exact, self.tables, self.tscales)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,9 +347,11 @@ def gemv_nf_bitserial(packed, scales, codebook, tables: Tables, out, threads: in
 
 
 def gemv_nf4(packed, scales, tables: CodebookTables, out, threads: int | None = None) -> None:
-    """nf4: out[n, m] = sum_k s codebook[q] x. packed: layout.pack_codebook; scales: layout.pack_group_scales."""
-    if packed.shape[1] * 4 != tables.k:
-        raise LutqError(f"weights with {packed.shape[1] * 4} columns do not match tables of K = {tables.k}")
+    """nf4 (packed: layout.pack_codebook) or nf2 (packed: layout.pack_codebook_pairs, 4-level tables):
+    out[n, m] = sum_k s codebook[q] x; scales: layout.pack_group_scales."""
+    if packed.shape[1] * 4 * tables.span != tables.k:
+        raise LutqError(f"weights with {packed.shape[1] * 4 * tables.span} columns do not match tables of "
+                        f"K = {tables.k}")
     _check(packed, scales, out, tables.k, tables.group, tables.tables.shape[0], (2, TILE_M))
     args = (packed, scales, tables.tables, tables.tscales)
     weights = packed.shape[0] * TILE_M * tables.k * out.shape[0]
@@ -357,15 +368,16 @@ def gemv_nf4(packed, scales, tables: CodebookTables, out, threads: int | None = 
 def _parallel_nf(isa, packed, scales, tables, tscales, sums, bits, coefs, base, chunks, out):
     n = packed.shape[0]
     for c in prange(chunks):
-        _nf_tiles(isa, packed, scales, tables, tscales, sums, bits, coefs, base, c * n // chunks, (c + 1) * n // chunks, out)
+        _nf_tiles(isa, packed, scales, tables, tscales, sums, bits, coefs, base, c * n // chunks,
+                  (c + 1) * n // chunks, out)
 
 
 @njit(cache=True, parallel=True)
 def _parallel_plain_nf(packed, scales, tables, tscales, sums, bits, coefs, base, chunks, out):
     n = packed.shape[0]
     for c in prange(chunks):
-        _nf_plain_tiles(packed, scales, tables, tscales, sums, bits, coefs, base, c * n // chunks, (c + 1) * n // chunks,
-                        out)
+        _nf_plain_tiles(packed, scales, tables, tscales, sums, bits, coefs, base, c * n // chunks,
+                        (c + 1) * n // chunks, out)
 
 
 @njit(cache=True, parallel=True)

@@ -10,12 +10,13 @@ in units of the group scale, splits into a part of the low nibble and a part of 
     mode j:  (d0 - 3.5) x_a + (d1 - 3.5) x_b               =  Aj[lo] + B[hi]          (d1 = lo >> 3 | h2 << 1)
              Aj[lo] = ((lo & 7) - 3.5) x_a + ((lo >> 3) - 0.5) x_b,   B[j << 2 | h2] = (2 h2 - 3) x_b
 
-so per cluster five 16-entry tables (A0..A3, B) replace the 256-entry one: B by one pshufb on the high nibbles, A by
-four pshufb on the low nibbles of which each byte keeps the one of its own mode (compare + blend). The grid offsets
+so per cluster five 16-entry tables (A0..A3, B) replace the 256-entry one: B by one pshufb on the high nibbles, A as
+one 64-entry table indexed by mode << 4 | lo (one vpermb with AVX512-VBMI; else four pshufb, each byte keeping the
+one of its own mode). The grid offsets
 are split so every table is centred on zero (the int8 step follows the largest entry: centring makes it ~3x finer
 than keeping the offsets in one table), and no activation sums are needed.
 
-    per tile and cluster c, 32 bytes (one per row):  a = blend_j(pshufb(A_j, lo)),  b = pshufb(B, hi)
+    per tile and cluster c, 32 bytes (one per row):  a = vpermb(A0..A3, mode << 4 | lo),  b = pshufb(B, hi)
     acc_int16 += a + b (widened);  per block of BLOCK clusters: group_f32 += tscale * acc;
     at each group end: rows_f32 += s * group_f32
 """
@@ -36,9 +37,9 @@ from lutq.kernels.simd import (
     load_f16,
     load_f16x32,
     load_i8x32,
-    low_nibbles,
+    lookup64,
+    mode_and_low_nibble,
     prefetch,
-    select_where_top2,
     shuffle_bytes,
     splat_f32,
     splat_i16x32,
@@ -85,28 +86,28 @@ def _build(x, group, tables, tscales, quantize):
     tscales f32[N, K/G, blocks per group], from x f32[N, K]."""
     n_tok, k = x.shape
     n_clusters = tables.shape[1]
-    vals = np.empty((n_clusters, 5, 16), np.float64)
+    vals = np.empty((BLOCK, 5, 16), np.float64)  # one block's tables before quantization (5 KB: stays in L1)
     for n in range(n_tok):
-        for c in range(n_clusters):
-            x0 = np.float64(x[n, 3 * c])
-            x1 = np.float64(x[n, 3 * c + 1]) if 3 * c + 1 < k else 0.0  # padding columns hold zero weights
-            x2 = np.float64(x[n, 3 * c + 2]) if 3 * c + 2 < k else 0.0
-            _cluster_tables(x0, x1, x2, vals[c])
         for g in range(k // group):
             c0, c1 = _group_clusters(g, group, n_clusters)
             for blk, start in enumerate(range(c0, c1, BLOCK)):
                 stop = min(c1, start + BLOCK)
                 peak = 0.0
                 for c in range(start, stop):
+                    x0 = np.float64(x[n, 3 * c])
+                    x1 = np.float64(x[n, 3 * c + 1]) if 3 * c + 1 < k else 0.0  # padding columns: zero weights
+                    x2 = np.float64(x[n, 3 * c + 2]) if 3 * c + 2 < k else 0.0
+                    _cluster_tables(x0, x1, x2, vals[c - start])
                     for i in range(5):
                         for e in range(16):
-                            peak = max(peak, abs(vals[c, i, e]))
+                            peak = max(peak, abs(vals[c - start, i, e]))
                 inv = TABLE_MAX / peak if peak > 0 else 0.0
                 tscales[n, g, blk] = peak / TABLE_MAX if quantize else 1.0
                 for c in range(start, stop):
                     for i in range(5):
                         for e in range(16):
-                            tables[n, c, i, e] = np.rint(vals[c, i, e] * inv) if quantize else vals[c, i, e]
+                            v = vals[c - start, i, e]
+                            tables[n, c, i, e] = np.rint(v * inv) if quantize else v
 
 
 class ClusterTables:
@@ -139,11 +140,7 @@ def _fineq_group(isa, packed, scales, tables, tscales, group, t, n, g, y):
             prefetch(packed, off + PREFETCH_BYTES)
             toff = (n * n_clusters + c) * 80
             w = load_i8x32(packed, off)
-            lo = low_nibbles(w)
-            a = shuffle_bytes(isa, broadcast16_x32(tables, toff), lo)
-            a = select_where_top2(w, 1, shuffle_bytes(isa, broadcast16_x32(tables, toff + 16), lo), a)
-            a = select_where_top2(w, 2, shuffle_bytes(isa, broadcast16_x32(tables, toff + 32), lo), a)
-            a = select_where_top2(w, 3, shuffle_bytes(isa, broadcast16_x32(tables, toff + 48), lo), a)
+            a = lookup64(isa, tables, toff, mode_and_low_nibble(w))
             b = shuffle_bytes(isa, broadcast16_x32(tables, toff + 64), high_nibbles(w))
             acc = vadd(acc, vadd(widen_i8_i16(a), widen_i8_i16(b)))
         in_group = fma_f32(i16_to_f32(acc), splat_f32(tscales[n, g, blk]), in_group)

@@ -13,7 +13,7 @@ Scheme "bitserial" (layout version 2), for codes q: u8[M, K] of `bits` bits each
 
     inside block [t, p] (bits * 32 bytes), planes go in pairs, row-interleaved, then an odd last plane alone:
 
-        plane pair c (planes 2c, 2c+1), 64 bytes:   r0b0 r0b1 r1b0 r1b1 ... r31b0 r31b1   (byte 64c + 2r + j = plane 2c+j)
+        plane pair c (planes 2c, 2c+1), 64 bytes:   r0b0 r0b1 r1b0 r1b1 ... r31b1   (byte 64c + 2r + j: plane 2c+j)
         odd last plane (int3: plane 2), 32 bytes:   r0 r1 ... r31
 
 A 4-bit nibble is the index into the 16-entry table of its activation group: one byte shuffle (pshufb) looks up 32
@@ -35,6 +35,9 @@ Scheme "codebook" (nf4: a 16-entry table per activation, indexed by the whole 4-
         bytes 32..63, row r:  q[r, 4j + 2] | q[r, 4j + 3] << 4          packed: u8[M_pad / 32, K / 4, 2, 32]
 
     low nibbles look up the tables of columns (4j, 4j+2) in lanes (0-1, 2-3), high nibbles those of (4j+1, 4j+3).
+
+    nf2 uses it too, with two 2-bit codes per nibble (`pack_codebook_pairs`): column pair (2i, 2i+1) is the
+    virtual column i with code q[2i] | q[2i+1] << 2, and its table is indexed by both codes at once.
 
 Group parameters (`pack_group_params`): per-row scales and biases of each quantization group as fp16, in the same tile
 order, so a tile's 32 scales are one 64-byte load: u16[M_pad / 32, K / G, 2, 32] ([..., 0, :] scales, [..., 1, :]
@@ -73,7 +76,8 @@ def pack_bitserial(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _plane_order(bits: int) -> np.ndarray:
-    """Flat index into [b, r] (plane-major) of each stored byte of a block: plane pairs row-interleaved, odd plane last."""
+    """Flat index into [b, r] (plane-major) of each stored byte of a block: plane pairs row-interleaved, an odd plane
+    last."""
     planes = np.arange(bits * TILE_M).reshape(bits, TILE_M)
     pairs = [planes[2 * c:2 * c + 2].T.reshape(-1) for c in range(bits // 2)]  # r0b0 r0b1 r1b0 ...
     return np.concatenate(pairs + ([planes[-1]] if bits % 2 else []))
@@ -136,6 +140,21 @@ def unpack_codebook(packed: np.ndarray, m: int, k: int) -> np.ndarray:
         raise ValueError(f"packed shape {packed.shape} does not hold {m}x{k} 4-bit codes")
     byte = packed.transpose(0, 3, 1, 2)  # [t, r, j, half]
     return np.stack([byte & 0xF, byte >> 4], axis=-1).reshape(t * TILE_M, k)[:m]
+
+
+def pack_codebook_pairs(codes: np.ndarray) -> np.ndarray:
+    """2-bit codes u8[M, K], K a multiple of 8 -> the codebook layout of the K/2 pair codes: u8[M_pad/32, K/8, 2, 32]"""
+    if codes.shape[1] % 8:
+        raise ValueError(f"K = {codes.shape[1]} is not a multiple of 8")
+    if codes.max(initial=0) >= 4:
+        raise ValueError("codes do not fit in 2 bits")
+    return pack_codebook(codes[:, 0::2] | (codes[:, 1::2] << 2))
+
+
+def unpack_codebook_pairs(packed: np.ndarray, m: int, k: int) -> np.ndarray:
+    """The inverse of pack_codebook_pairs: u8[M, K]."""
+    pairs = unpack_codebook(packed, m, k // 2)
+    return np.stack([pairs & 3, pairs >> 2], axis=-1).reshape(m, k)
 
 
 def pack_group_scales(scales: np.ndarray) -> np.ndarray:

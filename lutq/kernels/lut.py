@@ -20,6 +20,8 @@ plain numba one used with fp32 tables as the exact mode (tests, 1e-5) and with i
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -53,7 +55,7 @@ from lutq.kernels.simd import (
 
 TABLE_MAX = 127  # int8 table entries lie in [-127, 127]: symmetric, so T[15 - j] = -T[j] survives quantization
 MAX_GROUP = 256  # int16 accumulation over one group: G/8 pairs x 2 x 381 must stay below 32767
-PREFETCH_BYTES = 2048  # how far ahead of the tile stream to ask for cache lines (measured: 1-4 KB alike, 256 B 20% slower)
+PREFETCH_BYTES = 2048  # how far ahead of a tile stream to prefetch (measured: 1-4 KB alike, 256 B 20% slower)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -314,6 +316,11 @@ def dequant_gemv(packed, params, bits, x, chunks, out):
 # Entry points: checked shapes, ISA and thread dispatch. Outputs and tables are preallocated by the caller.
 
 ISA = isa_for_host()
+# numba's OpenMP threading layer cost ~8 ms per parallel call on the 2-core development VM whenever another process
+# was runnable (a GEMV that takes 0.4 ms on numba's own workqueue pool under the same load). Unless the user picked a
+# layer, the kernels use workqueue; this must happen before numba launches its threads (the first parallel call).
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 PARALLEL_MIN_WEIGHTS = 1 << 19  # below ~0.5M weights per call, waking a second thread costs more than it gives
 
 

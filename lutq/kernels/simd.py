@@ -1,9 +1,9 @@
 """SIMD layer: which vector instructions this CPU has, and numba intrinsics that emit them.
 
 The LUT kernels need instructions LLVM never derives from plain loops: a byte shuffle doing 32/64 table lookups at
-once (pshufb), multiply-add of unsigned by signed bytes into int16 (pmaddubsw) and the VNNI byte dot product
-(vpdpbusd). Numba reaches them through vector-valued numba types whose LLVM type is `<N x iB>` and
-`numba.extending.intrinsic`s whose code generation calls the `llvm.x86.*` intrinsics.
+once (pshufb), multiply-add of unsigned by signed bytes into int16 (pmaddubsw), the VNNI byte dot product
+(vpdpbusd) and VBMI's 64-entry byte table (vpermb). Numba reaches them through vector-valued numba types whose LLVM
+type is `<N x iB>` and `numba.extending.intrinsic`s whose code generation calls the `llvm.x86.*` intrinsics.
 
 Kernels are written once, for 64-byte logical vectors, and take an `Isa` witness as their first argument. The
 intrinsics read the witness's numba type at compile time and emit the instruction of that ISA: AVX-512BW does a
@@ -82,22 +82,24 @@ SOURCE_DIGEST = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
 class Isa:
-    def __init__(self, name: str, vnni: bool = False):
-        self.name, self.vnni = name, vnni
+    """vnni: vpdpbusd; vbmi: vpermb (a 64-entry byte table), AVX-512 only."""
+
+    def __init__(self, name: str, vnni: bool = False, vbmi: bool = False):
+        self.name, self.vnni, self.vbmi = name, vnni, vbmi and name == "avx512"
 
     def __repr__(self):
-        return f"Isa({self.name!r}, vnni={self.vnni})"
+        return f"Isa({self.name!r}, vnni={self.vnni}, vbmi={self.vbmi})"
 
 
 class IsaType(types.Type):
-    def __init__(self, name: str, vnni: bool, digest: str = SOURCE_DIGEST):
-        self.isa, self.vnni = name, vnni
-        super().__init__(name=f"Isa[{name}{',vnni' if vnni else ''},{digest}]")
+    def __init__(self, name: str, vnni: bool, vbmi: bool, digest: str = SOURCE_DIGEST):
+        self.isa, self.vnni, self.vbmi = name, vnni, vbmi
+        super().__init__(name=f"Isa[{name}{',vnni' if vnni else ''}{',vbmi' if vbmi else ''},{digest}]")
 
 
 @typeof_impl.register(Isa)
 def _typeof_isa(val, c):
-    return IsaType(val.name, val.vnni)
+    return IsaType(val.name, val.vnni, val.vbmi)
 
 
 register_model(IsaType)(models.OpaqueModel)
@@ -110,7 +112,8 @@ def _unbox_isa(typ, obj, c):
 
 def isa_for_host() -> Isa:
     name = host_isa()
-    return Isa(name, has_vnni(target_features(), name))
+    features = target_features()
+    return Isa(name, has_vnni(features, name), "avx512vbmi" in features)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -410,23 +413,21 @@ def half(typingctx, v, which):
     start = 32 * which.literal_value
 
     def codegen(context, builder, sig, args):
-        return builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(I32, 32), list(range(start, start + 32))))
+        mask = ir.Constant(ir.VectorType(I32, 32), list(range(start, start + 32)))
+        return builder.shuffle_vector(args[0], args[0], mask)
 
     return i8x32(v, which), codegen
 
 
 @intrinsic
-def select_where_top2(typingctx, v, mode, a, b):
-    """Per byte: (v >> 6) == mode ? a : b. Picks the lookup of a byte's own mode (vpcmpeqb + vpblendvb)."""
-    if not isinstance(mode, types.IntegerLiteral):
-        return None
-    want = mode.literal_value
+def mode_and_low_nibble(typingctx, v):
+    """(v >> 6) << 4 | (v & 15) per byte: a fineq byte's mode and low nibble as one 6-bit table index."""
 
     def codegen(context, builder, sig, args):
-        top = builder.lshr(args[0], _splat(args[0].type, 6))
-        return builder.select(builder.icmp_unsigned("==", top, _splat(args[0].type, want)), args[2], args[3])
+        mode = builder.and_(builder.lshr(args[0], _splat(args[0].type, 2)), _splat(args[0].type, 0x30))
+        return builder.or_(mode, builder.and_(args[0], _splat(args[0].type, 0x0F)))
 
-    return a(v, mode, a, b), codegen
+    return v(v), codegen
 
 
 @intrinsic
@@ -522,9 +523,39 @@ def shuffle_bytes(typingctx, isa, table, index):
     def codegen(context, builder, sig, args):
         if sig.args[1] == i8x32:
             return _call(builder, "llvm.x86.avx2.pshuf.b", i8x32.llvm_type, list(args[1:]))
-        return _split_call(builder, isa.isa, "llvm.x86.avx512.pshuf.b.512", "llvm.x86.avx2.pshuf.b", I8, 64, list(args[1:]))
+        return _split_call(builder, isa.isa, "llvm.x86.avx512.pshuf.b.512", "llvm.x86.avx2.pshuf.b", I8, 64,
+                           list(args[1:]))
 
     return table(isa, table, index), codegen
+
+
+@intrinsic
+def lookup64(typingctx, isa, tables, index, idx):
+    """out[i] = T[idx[i] & 63] for 32 indices, T = the 64 bytes at tables[index:] (four 16-entry tables in a row).
+    VBMI: one vpermb. Otherwise: four pshufb, each byte keeping the one its top index bits name."""
+    _check_isa(isa)
+    if idx != i8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        if isa.vbmi:
+            t = builder.load(_ptr(context, builder, sig.args[1], args[1], args[2], i8x64.llvm_type), align=1)
+            wide = builder.shuffle_vector(args[3], args[3], ir.Constant(ir.VectorType(I32, 64), list(range(32)) * 2))
+            out = _call(builder, "llvm.x86.avx512.permvar.qi.512", i8x64.llvm_type, [t, wide])
+            return builder.shuffle_vector(out, out, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+        top = builder.and_(builder.lshr(args[3], _splat(i8x32.llvm_type, 4)), _splat(i8x32.llvm_type, 3))
+        low = builder.and_(args[3], _splat(i8x32.llvm_type, 15))
+        out = None
+        for j in range(4):
+            q = builder.load(_ptr(context, builder, sig.args[1], args[1], builder.add(args[2], args[2].type(16 * j)),
+                                  ir.VectorType(I8, 16)), align=1)
+            t = builder.shuffle_vector(q, q, ir.Constant(ir.VectorType(I32, 32), [i % 16 for i in range(32)]))
+            hit = _call(builder, "llvm.x86.avx2.pshuf.b", i8x32.llvm_type, [t, low])
+            out = hit if out is None else builder.select(
+                builder.icmp_unsigned("==", top, _splat(i8x32.llvm_type, j)), hit, out)
+        return out
+
+    return i8x32(isa, tables, index, idx), codegen
 
 
 @intrinsic
