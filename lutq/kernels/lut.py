@@ -316,11 +316,10 @@ def dequant_gemv(packed, params, bits, x, chunks, out):
 # Entry points: checked shapes, ISA and thread dispatch. Outputs and tables are preallocated by the caller.
 
 ISA = isa_for_host()
-# numba's OpenMP threading layer cost ~8 ms per parallel call on the 2-core development VM whenever another process
-# was runnable (a GEMV that takes 0.4 ms on numba's own workqueue pool under the same load). Unless the user picked a
-# layer, the kernels use workqueue; this must happen before numba launches its threads (the first parallel call).
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+# Threading layer: numba's default (OpenMP here). Measured on the idle 2-core machine, TinyLlama-1.1B int2 decode on
+# 2 threads: OpenMP 19.3 ms/token, workqueue 35 ms (slower than 1 thread's 30 ms: ~150 us per parallel launch).
+# OpenMP's spinning workers collapse when another process holds a core (~8 ms per call measured under load), where
+# workqueue degrades gracefully: NUMBA_THREADING_LAYER=workqueue, or --threads 1, is the choice on a busy machine.
 PARALLEL_MIN_WEIGHTS = 1 << 19  # below ~0.5M weights per call, waking a second thread costs more than it gives
 
 
