@@ -115,8 +115,8 @@ def run(model: str, formats: list[str], threads: list[int], prompt_tokens: int, 
         target = model if fmt in FP or fmt == "as-is" else quantized_copy(model, fmt, group_size, on_status)
         if on_status:
             on_status(f"measuring {fmt} on {', '.join(map(str, threads))} thread(s)")
-        env = {**os.environ, "NUMBA_NUM_THREADS": str(max(threads)), "OPENBLAS_NUM_THREADS": str(max(threads)),
-               "OMP_NUM_THREADS": str(max(threads))}
+        env = {"OPENBLAS_THREAD_TIMEOUT": "4", **os.environ, "NUMBA_NUM_THREADS": str(max(threads)),
+               "OPENBLAS_NUM_THREADS": str(max(threads)), "OMP_NUM_THREADS": str(max(threads))}  # see cli.set_threads
         args = [sys.executable, "-m", "lutq.bench", target, ",".join(map(str, threads)), str(prompt_tokens),
                 str(gen_tokens), str(repeats)]
         res = subprocess.run(args, capture_output=True, text=True, env=env)
