@@ -29,22 +29,28 @@ BITSERIAL = {"int2": 2, "int3": 3, "int4": 4, "ternary": 2, "ternary-group": 2}
 
 
 class TablePool:
-    """Activation table buffers by (kind, K, G, tokens[, codebook]), reused across calls and layers."""
+    """Activation table buffers by (kind, K, G[, codebook]) for one token, reused across decode steps and layers.
+    A prefill of N tokens gets fresh buffers: N varies from call to call, and one allocation per layer is nothing
+    next to an N-token product."""
 
     def __init__(self):
         self.tables: dict[tuple, object] = {}
 
     def get(self, key: tuple, tokens: int):
-        full = key + (tokens,)
-        if full not in self.tables:
-            kind, k, group = key[:3]
-            if kind == "pm":
-                self.tables[full] = lut.Tables(k, group, tokens)
-            elif kind == "fq":
-                self.tables[full] = fq_kernels.ClusterTables(k, group, tokens)
-            else:
-                self.tables[full] = cb_kernels.CodebookTables(k, group, np.frombuffer(key[3], np.float32), tokens)
-        return self.tables[full]
+        if tokens != 1:
+            return self.make(key, tokens)
+        if key not in self.tables:
+            self.tables[key] = self.make(key, 1)
+        return self.tables[key]
+
+    @staticmethod
+    def make(key: tuple, tokens: int):
+        kind, k, group = key[:3]
+        if kind == "pm":
+            return lut.Tables(k, group, tokens)
+        if kind == "fq":
+            return fq_kernels.ClusterTables(k, group, tokens)
+        return cb_kernels.CodebookTables(k, group, np.frombuffer(key[3], np.float32), tokens)
 
 
 class QuantLinear:
