@@ -17,7 +17,7 @@ import numpy as np
 from lutq.checkpoint.base import Checkpoint
 from lutq.runtime.attention import KVCache
 from lutq.runtime.linear import Linear
-from lutq.runtime.llama import LlamaModel, TensorSource, context_length, rms_norm
+from lutq.runtime.llama import LlamaModel, TensorSource, context_length, llama_layer_parts, rms_norm
 
 
 @dataclass
@@ -64,22 +64,13 @@ class BitNetModel(LlamaModel):
 
 def load_bitnet(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True) -> BitNetModel:
     cfg, src = ckpt.config, TensorSource(ckpt, kernels)
-    D, H, KV, hd, F, V = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                          cfg.intermediate_size, cfg.vocab_size)
-    embed = src.get("model.embed_tokens.weight", (V, D))
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    embed = src.get("model.embed_tokens.weight", (cfg.vocab_size, D))
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        layers.append(BitNetLayer(
-            input_norm=src.get(p + "input_layernorm.weight", (D,)),
-            qkv_proj=src.fused([(p + "self_attn.q_proj", H * hd, D), (p + "self_attn.k_proj", KV * hd, D),
-                                (p + "self_attn.v_proj", KV * hd, D)]),
-            attn_sub_norm=src.get(p + "self_attn.attn_sub_norm.weight", (D,)),
-            o_proj=src.linear(p + "self_attn.o_proj", D, H * hd),
-            post_attention_norm=src.get(p + "post_attention_layernorm.weight", (D,)),
-            gate_up_proj=src.fused([(p + "mlp.gate_proj", F, D), (p + "mlp.up_proj", F, D)]),
-            ffn_sub_norm=src.get(p + "mlp.ffn_sub_norm.weight", (F,)),
-            down_proj=src.linear(p + "mlp.down_proj", D, F),
-        ))
+        layers.append(BitNetLayer(**llama_layer_parts(src, i),
+                                  attn_sub_norm=src.get(p + "self_attn.attn_sub_norm.weight", (D,)),
+                                  ffn_sub_norm=src.get(p + "mlp.ffn_sub_norm.weight", (F,))))
     norm = src.get("model.norm.weight", (D,))
     return BitNetModel(cfg, embed, layers, norm, src.lm_head(embed), context_length(cfg, max_seq))

@@ -150,23 +150,26 @@ def context_length(cfg: ModelConfig, max_seq: int | None) -> int:
     return min(max_seq or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
 
+def llama_layer_parts(src: TensorSource, i: int) -> dict:
+    """The tensors every Llama-shaped block has (BitNet adds its sub-norms), keyed by LlamaLayer's field names."""
+    cfg, p = src.ckpt.config, f"model.layers.{i}."
+    D, H, KV, hd, F = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                       cfg.intermediate_size)
+    return dict(
+        input_norm=src.get(p + "input_layernorm.weight", (D,)),
+        qkv_proj=src.fused([(p + "self_attn.q_proj", H * hd, D), (p + "self_attn.k_proj", KV * hd, D),
+                            (p + "self_attn.v_proj", KV * hd, D)]),
+        o_proj=src.linear(p + "self_attn.o_proj", D, H * hd),
+        post_attention_norm=src.get(p + "post_attention_layernorm.weight", (D,)),
+        gate_up_proj=src.fused([(p + "mlp.gate_proj", F, D), (p + "mlp.up_proj", F, D)]),
+        down_proj=src.linear(p + "mlp.down_proj", D, F),
+    )
+
+
 def load_llama(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True) -> LlamaModel:
     """Build the model from a checkpoint, reading one tensor at a time."""
     cfg, src = ckpt.config, TensorSource(ckpt, kernels)
-    D, H, KV, hd, F, V = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                          cfg.intermediate_size, cfg.vocab_size)
-    embed = src.get("model.embed_tokens.weight", (V, D))
-    layers = []
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        layers.append(LlamaLayer(
-            input_norm=src.get(p + "input_layernorm.weight", (D,)),
-            qkv_proj=src.fused([(p + "self_attn.q_proj", H * hd, D), (p + "self_attn.k_proj", KV * hd, D),
-                                (p + "self_attn.v_proj", KV * hd, D)]),
-            o_proj=src.linear(p + "self_attn.o_proj", D, H * hd),
-            post_attention_norm=src.get(p + "post_attention_layernorm.weight", (D,)),
-            gate_up_proj=src.fused([(p + "mlp.gate_proj", F, D), (p + "mlp.up_proj", F, D)]),
-            down_proj=src.linear(p + "mlp.down_proj", D, F),
-        ))
-    norm = src.get("model.norm.weight", (D,))
+    embed = src.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+    layers = [LlamaLayer(**llama_layer_parts(src, i)) for i in range(cfg.num_hidden_layers)]
+    norm = src.get("model.norm.weight", (cfg.hidden_size,))
     return LlamaModel(cfg, embed, layers, norm, src.lm_head(embed), context_length(cfg, max_seq))
