@@ -137,6 +137,28 @@ def test_bitserial_gemv(m, k, group, bits):
     assert rel_err(out, ref) <= INT8_TOL
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bound_call_reruns_with_new_tables(threads):
+    """bind=True returns the compiled kernel bound to the weights and table buffers: rebuilding the tables from a new
+    input and calling it again gives what a fresh checked call gives (the decode step's fast path)."""
+    rng = np.random.default_rng(11)
+    m, k, group = 1000, 576, 64  # 576k weights: above PARALLEL_MIN_WEIGHTS, so 2 threads take the parallel kernel
+    q, s, z = uniform_case(rng, m, k, group, 4)
+    packed, params = pack_bitserial(q, 4), pack_group_params(s, z)
+    tables = lut.Tables(k, group)
+    tables.build(rng.standard_normal((1, k)).astype(np.float32))
+    first = np.empty((1, m), np.float32)
+    call = lut.gemv_bitserial(packed, params, 4, tables, first, threads=threads, bind=True)
+    for _ in range(3):
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        tables.build(x)
+        want, got = np.empty((1, m), np.float32), np.full((1, m), np.nan, np.float32)
+        lut.gemv_bitserial(packed, params, 4, tables, want, threads=threads)
+        call(got)
+        np.testing.assert_array_equal(got, want)
+        assert rel_err(got, reference.matmul(reference.dequantize_uniform(q, s, z), x)) <= INT8_TOL
+
+
 def test_unsupported_shapes_are_refused():
     with pytest.raises(LutqError, match="unsupported shape"):
         lut.Tables(100, 32)

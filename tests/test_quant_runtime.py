@@ -13,13 +13,18 @@ from lutq.runtime.linear import DenseLinear
 from lutq.runtime.model import load_model
 from lutq.runtime.quant_linear import FusedLinear, QuantLinear
 
-FORMATS = ["int2", "int3", "int4", "nf2", "nf3", "nf4", "ternary", "ternary-group", "fineq"]
+FORMATS = ["int2", "int3", "int4", "int4k", "nf2", "nf3", "nf4", "ternary", "ternary-group", "fineq"]
 
 
 def quantized(src, out, rules: str, group: int = 32):
     with open_checkpoint(src) as ckpt:
         quantize_checkpoint(ckpt, out, QuantizeOptions(parse_rules(rules), group))
     return open_checkpoint(out)
+
+
+def parts_of(layer) -> list:
+    """The kernel layers behind a fused projection (one QuantLinear when q/k/v stack into a single call)."""
+    return layer.parts if isinstance(layer, FusedLinear) else [layer]
 
 
 def rel_err(got, ref) -> float:
@@ -31,8 +36,8 @@ def test_lut_model_matches_dequantized_model(tiny_models, tmp_path, fmt):
     src, model = tiny_models("llama")
     ckpt = quantized(src, tmp_path / fmt, f"{fmt},lm_head=int4")
     lut_net, ref_net = load_model(ckpt, 64), load_model(ckpt, 64, kernels=False)
-    assert isinstance(lut_net.layers[0].qkv_proj, FusedLinear) and isinstance(ref_net.layers[0].qkv_proj, DenseLinear)
-    assert all(isinstance(p, QuantLinear) for p in lut_net.layers[0].qkv_proj.parts)
+    assert isinstance(ref_net.layers[0].qkv_proj, DenseLinear)
+    assert all(isinstance(p, QuantLinear) for p in parts_of(lut_net.layers[0].qkv_proj))
     ids = np.random.default_rng(5).integers(0, model.config.vocab_size, 40)
     ref = ref_net.forward(ids, all_logits=True)
     # prefill (GEMM) and decode (GEMV) both against the fp32 reference. Each kernel is within 2% (int8 tables,
@@ -46,8 +51,9 @@ def test_q_k_v_share_one_table_build(tiny_models, tmp_path, monkeypatch):
     src, _ = tiny_models("llama")
     net = load_model(quantized(src, tmp_path / "q", "int4"), 16)
     builds = []
-    real = type(net.layers[0].qkv_proj.parts[0].pool.get(("pm", 64, 32), 1)).build
-    monkeypatch.setattr(type(net.layers[0].qkv_proj.parts[0].pool.get(("pm", 64, 32), 1)), "build",
+    pool = parts_of(net.layers[0].qkv_proj)[0].pool
+    real = type(pool.get(("pm", 64, 32), 1)).build
+    monkeypatch.setattr(type(pool.get(("pm", 64, 32), 1)), "build",
                         lambda self, x: (builds.append(1), real(self, x)))
     net.layers[0].qkv_proj(np.ones((1, 64), np.float32))
     assert len(builds) == 1  # three layers, one table set

@@ -12,14 +12,14 @@ from lutq.quantize import FORMATS, dequantize, get_format
 from lutq.quantize import fineq
 from lutq.quantize.nf import normal_float_codebook
 
-LINEAR_FORMATS = ["int2", "int3", "int4", "nf2", "nf3", "nf4", "ternary", "ternary-group", "fineq", "int8"]
+LINEAR_FORMATS = ["int2", "int3", "int4", "int2k", "int3k", "int4k", "nf2", "nf3", "nf4", "ternary", "ternary-group", "fineq", "int8"]
 
 # Upper bounds on the relative squared error ||W - W_hat||^2 / ||W||^2 with the scale search on, G = 64
 # (measured values are 10-15% below these).
 BOUNDS = {
-    "gauss": {"int2": 0.12, "int3": 0.032, "int4": 0.008, "nf2": 0.165, "nf3": 0.036, "nf4": 0.008, "ternary": 0.22,
+    "gauss": {"int2": 0.12, "int3": 0.032, "int4": 0.008, "int2k": 0.12, "int3k": 0.032, "int4k": 0.008, "nf2": 0.165, "nf3": 0.036, "nf4": 0.008, "ternary": 0.22,
               "ternary-group": 0.21, "fineq": 0.066, "int8": 4e-5},
-    "heavy": {"int2": 0.18, "int3": 0.064, "int4": 0.0185, "nf2": 0.215, "nf3": 0.066, "nf4": 0.019, "ternary": 0.6,
+    "heavy": {"int2": 0.18, "int3": 0.064, "int4": 0.0185, "int2k": 0.18, "int3k": 0.064, "int4k": 0.0185, "nf2": 0.215, "nf3": 0.066, "nf4": 0.019, "ternary": 0.6,
               "ternary-group": 0.28, "fineq": 0.16, "int8": 2e-4},
 }
 
@@ -70,7 +70,9 @@ def test_group_sizes_and_metadata(name, group_size):
         return
     p = get_format(name).quantize(w, group_size)
     assert p.format == name and p.shape == (64, 576) and p.group_size == group_size
-    assert p.arrays["scales"].shape == (64, 576 // group_size) and p.arrays["scales"].dtype == np.float16
+    params = "scale_codes" if name.endswith("k") else "scales"
+    assert p.arrays[params].shape == (64, 576 // group_size)
+    assert p.arrays[params].dtype == (np.uint8 if name.endswith("k") else np.float16)
     assert abs(p.bits_per_weight - get_format(name).nominal_bits(group_size)) < 0.02
     assert p.nbytes == get_format(name).stored_bytes(64, 576, group_size)
 
@@ -136,6 +138,29 @@ def test_uniform_plain_rounding_is_q4_1():
     d = ((g.max(1) - g.min(1)) / 15).astype(np.float16)
     np.testing.assert_array_equal(p.arrays["scales"].ravel(), d)
     np.testing.assert_array_equal(p.arrays["biases"].ravel(), g.min(1).astype(np.float16))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("data", ["gauss", "heavy"])
+def test_quantized_params_cost_little_and_halve_parameter_bits(bits, data):
+    """int<B>k at G = 32 stores as many bits as int<B> at G = 64 and keeps nearly the G = 32 accuracy."""
+    w = DATA[data]
+    k, plain = get_format(f"int{bits}k"), get_format(f"int{bits}")
+    assert k.nominal_bits(32) == plain.nominal_bits(64)
+    err_k, err_32, err_64 = rel_mse(f"int{bits}k", w, 32), rel_mse(f"int{bits}", w, 32), rel_mse(f"int{bits}", w, 64)
+    assert err_k < 1.05 * err_32 and err_k < err_64
+
+
+def test_quantized_params_expand_to_what_dequantize_uses():
+    """The stored codes, expanded by the documented formula, rebuild dequantize() exactly."""
+    w = DATA["heavy"]
+    p = get_format("int3k").quantize(w, 32)
+    a = p.arrays
+    scales = (a["scale_step"][0] * a["scale_codes"].astype(np.float32)).astype(np.float16).astype(np.float32)
+    biases = (-scales * (a["zero_codes"].astype(np.float32) * np.float32(7 / 255))).astype(np.float16)
+    q = unpack_bitserial(a["codes"], 3, *w.shape).reshape(256, -1, 32).astype(np.float32)
+    want = q * scales[..., None] + biases.astype(np.float32)[..., None]
+    np.testing.assert_array_equal(dequantize(p), want.reshape(w.shape))
 
 
 def test_constant_and_zero_groups():

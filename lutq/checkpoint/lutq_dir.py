@@ -36,7 +36,7 @@ from lutq.quantize.packed import PackedTensor
 QUANT_METHOD = "lutq"
 FORMAT_VERSION = 1
 SHARD_BYTES = 2 * 1024**3
-PACKED_ARRAYS = ("codes", "scales", "biases", "codebook", "tensor_scale")
+PACKED_ARRAYS = ("codes", "scales", "biases", "codebook", "tensor_scale", "scale_codes", "zero_codes", "scale_step")
 DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8",
                np.dtype(np.int8): "I8", np.dtype(np.int32): "I32"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -215,13 +215,14 @@ class LutqCheckpoint(HFCheckpoint):
         if scheme not in LAYOUTS or version != LAYOUTS[scheme]:
             raise CheckpointError(where, f"tensor {module!r}: code layout {scheme!r} version {version!r} is not the one "
                                          f"this lutq reads ({LAYOUTS.get(scheme, 'none')}); quantize the model again")
-        for key in ("codes", "scales"):
+        params = "scale_codes" if meta.get("param_bits") == 8 else "scales"  # the int<B>k formats: 8-bit codes
+        for key in ("codes", params):
             if f"{module}.{key}" not in self._where:
                 raise CheckpointError(self.path, f"tensor {module}.{key} is missing")
-        scales = self._where[f"{module}.scales"].entries[f"{module}.scales"][1]
+        scales = self._where[f"{module}.{params}"].entries[f"{module}.{params}"][1]
         g = meta.get("group_size")
         if not isinstance(g, int) or g <= 0 or scales != (shape[0], shape[1] // g):
-            raise CheckpointError(self.path, f"tensor {module}.scales has shape {list(scales)}, "
+            raise CheckpointError(self.path, f"tensor {module}.{params} has shape {list(scales)}, "
                                              f"group size {g!r} of {shape} implies another")
 
     def _is_part(self, name: str) -> bool:

@@ -329,7 +329,8 @@ def _check(packed, scales, out, k, group, tokens, tail):
         raise LutqError("packed codes, scales and output must be C-contiguous")
 
 
-def gemv_nf_bitserial(packed, scales, codebook, tables: Tables, out, threads: int | None = None) -> None:
+def gemv_nf_bitserial(packed, scales, codebook, tables: Tables, out, threads: int | None = None,
+                      bind: bool = False):
     """nf2/nf3: out[n, m] = sum_k s codebook[q] x. packed: layout.pack_bitserial; scales: layout.pack_group_scales."""
     bits = {4: 2, 8: 3}.get(len(codebook))
     if bits is None:
@@ -341,12 +342,11 @@ def gemv_nf_bitserial(packed, scales, codebook, tables: Tables, out, threads: in
     args = (packed, scales, tables.tables, tables.tscales, tables.sums, bits, coefs, base)
     weights = packed.shape[0] * TILE_M * tables.k * out.shape[0]
     if tables.exact or ISA.name == "portable":
-        run_tiles(_nf_plain_tiles, _parallel_plain_nf, args, packed.shape[0], weights, threads, out)
-    else:
-        run_tiles(_nf_tiles, _parallel_nf, (ISA,) + args, packed.shape[0], weights, threads, out)
+        return run_tiles(_nf_plain_tiles, _parallel_plain_nf, args, packed.shape[0], weights, threads, out, bind)
+    return run_tiles(_nf_tiles, _parallel_nf, (ISA,) + args, packed.shape[0], weights, threads, out, bind)
 
 
-def gemv_nf4(packed, scales, tables: CodebookTables, out, threads: int | None = None) -> None:
+def gemv_nf4(packed, scales, tables: CodebookTables, out, threads: int | None = None, bind: bool = False):
     """nf4 (packed: layout.pack_codebook) or nf2 (packed: layout.pack_codebook_pairs, 4-level tables):
     out[n, m] = sum_k s codebook[q] x; scales: layout.pack_group_scales."""
     if packed.shape[1] * 4 * tables.span != tables.k:
@@ -356,9 +356,8 @@ def gemv_nf4(packed, scales, tables: CodebookTables, out, threads: int | None = 
     args = (packed, scales, tables.tables, tables.tscales)
     weights = packed.shape[0] * TILE_M * tables.k * out.shape[0]
     if tables.exact or ISA.name == "portable":
-        run_tiles(_nf4_plain_tiles, _parallel_plain_nf4, args, packed.shape[0], weights, threads, out)
-    else:
-        run_tiles(_nf4_tiles, _parallel_nf4, (ISA,) + args, packed.shape[0], weights, threads, out)
+        return run_tiles(_nf4_plain_tiles, _parallel_plain_nf4, args, packed.shape[0], weights, threads, out, bind)
+    return run_tiles(_nf4_tiles, _parallel_nf4, (ISA,) + args, packed.shape[0], weights, threads, out, bind)
 
 
 # Thread splits (one contiguous run of tiles per thread; a single run is a plain call).

@@ -204,7 +204,7 @@ def _fineq_plain_parallel(packed, scales, tables, tscales, group, chunks, out):
         _fineq_plain_tiles(packed, scales, tables, tscales, group, c * n // chunks, (c + 1) * n // chunks, out)
 
 
-def gemv_fineq(packed, scales, tables: ClusterTables, out, threads: int | None = None) -> None:
+def gemv_fineq(packed, scales, tables: ClusterTables, out, threads: int | None = None, bind: bool = False):
     """out[n, m] = sum_k W[m, k] x[n, k]. packed: u8[M_pad/32, C, 32] (quantize/fineq.py's pack); scales:
     layout.pack_group_scales of the fp16 scales; out: f32[N, M], written."""
     n_tiles = packed.shape[0]
@@ -221,9 +221,8 @@ def gemv_fineq(packed, scales, tables: ClusterTables, out, threads: int | None =
     args = (packed, scales, tables.tables, tables.tscales, tables.group)
     weights = n_tiles * TILE_M * tables.k * out.shape[0]
     if tables.exact or ISA.name == "portable":
-        run_tiles(_fineq_plain_tiles, _fineq_plain_parallel, args, n_tiles, weights, threads, out)
-    else:
-        run_tiles(_fineq_tiles, _fineq_parallel, (ISA,) + args, n_tiles, weights, threads, out)
+        return run_tiles(_fineq_plain_tiles, _fineq_plain_parallel, args, n_tiles, weights, threads, out, bind)
+    return run_tiles(_fineq_tiles, _fineq_parallel, (ISA,) + args, n_tiles, weights, threads, out, bind)
 
 
 def byte_values() -> np.ndarray:

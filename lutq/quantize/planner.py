@@ -25,9 +25,11 @@ from lutq.quantize.registry import KEEP, get_format
 from lutq.quantize.rules import AUTO, Choice
 
 # (format, group size) pairs: the formats that led at their size for SmolLM2-135M (models.md; int2, int3 and ternary
-# were dominated there), at G = 64 and G = 32.
-CANDIDATES = (Choice("nf2", 64), Choice("fineq", 64), Choice("nf3", 64), Choice("nf3", 32), Choice("nf4", 64),
-              Choice("int4", 64), Choice("nf4", 32), Choice("int4", 32))
+# with fp16 parameters were dominated there), at G = 64 and G = 32, and the int-k formats (8-bit parameters), which
+# give G = 32 accuracy at the G = 64 price.
+CANDIDATES = (Choice("nf2", 64), Choice("int2k", 32), Choice("fineq", 64), Choice("nf3", 64), Choice("int3k", 32),
+              Choice("nf3", 32), Choice("nf4", 64), Choice("int4", 64), Choice("int4k", 32), Choice("nf4", 32),
+              Choice("int4", 32))
 SAMPLE_ROWS = 128
 
 

@@ -135,7 +135,8 @@ class TensorSource:
             return DenseLinear.fuse([(p.weight, p.bias) for p in parts])
         from lutq.runtime.quant_linear import FusedLinear
 
-        return FusedLinear(parts)
+        fused = FusedLinear(parts)
+        return fused.parts[0] if len(fused.parts) == 1 else fused  # all stacked into one kernel call
 
     def lm_head(self, embed: np.ndarray):
         cfg = self.ckpt.config
