@@ -111,7 +111,7 @@ SHAPES = [(77, 576, 64), (100, 1536, 128), (45, 2048, 32), (33, 5632, 128)]
 
 
 @pytest.mark.parametrize("m,k,group", SHAPES)
-@pytest.mark.parametrize("bits", [2, 3, 4, "ternary"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, "ternary"])
 def test_bitserial_gemv(m, k, group, bits):
     ternary = bits == "ternary"
     bits = 2 if ternary else bits

@@ -32,7 +32,7 @@ def tiny(tiny_models):
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 def test_every_format_writes_and_loads_back(tiny, tmp_path, fmt):
     out = tmp_path / "q"
-    quantize(tiny, out, fmt)
+    quantize(tiny, out, f"{fmt},lm_head={fmt}")
     src = open_checkpoint(tiny)
     q = open_checkpoint(out)
     assert isinstance(q, LutqCheckpoint)
@@ -84,16 +84,18 @@ def test_config_and_report(tiny, tmp_path):
         assert (tmp_path / "q" / name).read_bytes() == (tiny / name).read_bytes()
 
 
-def test_tied_lm_head_stays_tied_unless_a_rule_names_it(tiny_models, tmp_path):
+def test_tied_lm_head_is_quantized_int6k_unless_kept_fp16(tiny_models, tmp_path):
     tied = tiny_models("llama-tied")[0]
-    quantize(tied, tmp_path / "a", "int4")
-    assert not open_checkpoint(tmp_path / "a").has("lm_head.weight")
-    quantize(tied, tmp_path / "b", "int4,lm_head=nf4")
-    q = open_checkpoint(tmp_path / "b")
-    assert q.packed("lm_head.weight").format == "nf4"
-    assert q.config.tie_word_embeddings is False
     emb = open_checkpoint(tied).load("model.embed_tokens.weight")
-    assert np.array_equal(q.load("lm_head.weight"), get_format("nf4").dequantize(get_format("nf4").quantize(emb, 32)))
+    quantize(tied, tmp_path / "a", "int4,lm_head=fp16")
+    assert not open_checkpoint(tmp_path / "a").has("lm_head.weight")
+    assert open_checkpoint(tmp_path / "a").config.tie_word_embeddings is True
+    for rules, fmt, group in (("nf3", "int6k", 32), ("int4,lm_head=nf4", "nf4", 32)):
+        quantize(tied, tmp_path / fmt, rules)
+        q = open_checkpoint(tmp_path / fmt)
+        assert q.packed("lm_head.weight").format == fmt and q.config.tie_word_embeddings is False
+        want = get_format(fmt).dequantize(get_format(fmt).quantize(emb, group))
+        assert np.array_equal(q.load("lm_head.weight"), want)
 
 
 def test_embed_int8(tiny, tmp_path):

@@ -12,14 +12,16 @@ from lutq.quantize import FORMATS, dequantize, get_format
 from lutq.quantize import fineq
 from lutq.quantize.nf import normal_float_codebook
 
-LINEAR_FORMATS = ["int2", "int3", "int4", "int2k", "int3k", "int4k", "nf2", "nf3", "nf4", "ternary", "ternary-group", "fineq", "int8"]
+LINEAR_FORMATS = ["int2", "int3", "int4", "int6", "int2k", "int3k", "int4k", "int6k", "nf2", "nf3", "nf4", "ternary", "ternary-group", "fineq", "int8"]
 
 # Upper bounds on the relative squared error ||W - W_hat||^2 / ||W||^2 with the scale search on, G = 64
 # (measured values are 10-15% below these).
 BOUNDS = {
-    "gauss": {"int2": 0.12, "int3": 0.032, "int4": 0.008, "int2k": 0.12, "int3k": 0.032, "int4k": 0.008, "nf2": 0.165, "nf3": 0.036, "nf4": 0.008, "ternary": 0.22,
+    "gauss": {"int2": 0.12, "int3": 0.032, "int4": 0.008, "int2k": 0.12, "int3k": 0.032, "int4k": 0.008,
+              "int6": 6e-4, "int6k": 6e-4, "nf2": 0.165, "nf3": 0.036, "nf4": 0.008, "ternary": 0.22,
               "ternary-group": 0.21, "fineq": 0.066, "int8": 4e-5},
-    "heavy": {"int2": 0.18, "int3": 0.064, "int4": 0.0185, "int2k": 0.18, "int3k": 0.064, "int4k": 0.0185, "nf2": 0.215, "nf3": 0.066, "nf4": 0.019, "ternary": 0.6,
+    "heavy": {"int2": 0.18, "int3": 0.064, "int4": 0.0185, "int2k": 0.18, "int3k": 0.064, "int4k": 0.0185,
+              "int6": 1.5e-3, "int6k": 1.5e-3, "nf2": 0.215, "nf3": 0.066, "nf4": 0.019, "ternary": 0.6,
               "ternary-group": 0.28, "fineq": 0.16, "int8": 2e-4},
 }
 
@@ -140,7 +142,7 @@ def test_uniform_plain_rounding_is_q4_1():
     np.testing.assert_array_equal(p.arrays["biases"].ravel(), g.min(1).astype(np.float16))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
 @pytest.mark.parametrize("data", ["gauss", "heavy"])
 def test_quantized_params_cost_little_and_halve_parameter_bits(bits, data):
     """int<B>k at G = 32 stores as many bits as int<B> at G = 64 and keeps nearly the G = 32 accuracy."""
@@ -148,7 +150,8 @@ def test_quantized_params_cost_little_and_halve_parameter_bits(bits, data):
     k, plain = get_format(f"int{bits}k"), get_format(f"int{bits}")
     assert k.nominal_bits(32) == plain.nominal_bits(64)
     err_k, err_32, err_64 = rel_mse(f"int{bits}k", w, 32), rel_mse(f"int{bits}", w, 32), rel_mse(f"int{bits}", w, 64)
-    assert err_k < 1.05 * err_32 and err_k < err_64
+    # 8-bit parameter codes cost more at 6 bits: the zero point's grid step is a quarter of a code step there
+    assert err_k < (1.05 if bits < 6 else 1.2) * err_32 and err_k < err_64
 
 
 def test_quantized_params_expand_to_what_dequantize_uses():

@@ -48,7 +48,7 @@ def test_quantize_then_generate_and_inspect(tiny, tmp_path):
 
 
 def test_quantize_json(tiny, tmp_path):
-    res = lutq("quantize", tiny, tmp_path / "q", "--format", "fineq", "-g", "32", "--json", "--no-refine")
+    res = lutq("quantize", tiny, tmp_path / "q", "--format", "fineq,lm_head=fineq", "-g", "32", "--json", "--no-refine")
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert {"bits_per_weight", "bytes", "mean_rel_error", "seconds", "formats"} <= set(summary)

@@ -1,6 +1,6 @@
 """The order in which packed weight codes are stored: exactly the order the LUT kernels stream them.
 
-Scheme "bitserial" (layout version 2), for codes q: u8[M, K] of `bits` bits each (int2/3/4, ternary as q = w + 1):
+Scheme "bitserial" (layout version 2), for codes q: u8[M, K] of `bits` bits each (int2-6, ternary as q = w + 1):
 
     rows are cut into tiles of TILE_M = 32 (M is zero-padded up to a whole tile);
     K into pairs of activation groups, 8 columns each (two groups of g = 4 activations);

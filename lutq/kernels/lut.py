@@ -1,4 +1,4 @@
-"""LUT GEMV/GEMM on bit-serial packed weights (int2/int3/int4, ternary): tables of activation sums, byte shuffles.
+"""LUT GEMV/GEMM on bit-serial packed weights (int2 to int6, ternary): tables of activation sums, byte shuffles.
 
 The math (T-MAC). Activations go in groups of g = 4; each group gets a 16-entry table
 
@@ -124,12 +124,30 @@ def build_tables_f32(x, group, tables, tscales, sums):
 #   int2:  [ r0b0 r0b1 r1b0 r1b1 ... r31b1 ]                      one 64-byte plane pair
 #   int4:  [ r0b0 r0b1 ... r31b1 ][ r0b2 r0b3 ... r31b3 ]         two plane pairs
 #   int3:  [ r0b0 r0b1 ... r31b1 ][ r0b2 ... r31b2 ]              a plane pair and a lone 32-byte plane
+#   int5, int6: int4's two pairs, then a lone plane 4 (int5) or a third pair of planes 4 and 5 (int6)
 #
 #   each byte: low nibble -> T[2p] index, high nibble -> T[2p+1] index
 #   pshufb(T[2p] in every lane, low nibbles) . (1,2)  -> int16 per row: T[lo, b0] + 2 T[lo, b1]   (pmaddubsw)
 #   pshufb(T[2p+1] ..., high nibbles) . (1,2)         -> the same for the high group; both added to acc0
 #   the lone plane: two 32-byte pshufb, widened to int16 (vpmovsxbw), into acc1
-#   every G columns: rows_f32 += s * (tscale/2 * (acc0 + 4 acc1) + (2^B-1)/2 * S) + z * S
+#   every G columns: rows_f32 += s * (tscale/2 * (acc0 + 4 acc1 + 16 acc2) + (2^B-1)/2 * S) + z * S
+
+
+@njit(cache=True, inline="always")
+def _plane_pair(isa, packed, off, lo_table, hi_table, weights12, acc):
+    """acc + one 64-byte plane pair of 32 rows: T[lo nibble, b] + 2 T[lo, b+1] + the same for the high nibbles."""
+    w = load_i8x64(packed, off)
+    acc = vadd(acc, maddubs(isa, weights12, shuffle_bytes(isa, lo_table, low_nibbles(w))))
+    return vadd(acc, maddubs(isa, weights12, shuffle_bytes(isa, hi_table, high_nibbles(w))))
+
+
+@njit(cache=True, inline="always")
+def _lone_plane(isa, packed, off, tables, toff, acc):
+    """acc + an odd last 32-byte plane of 32 rows, looked up in 32-byte halves and widened to int16."""
+    w = load_i8x32(packed, off)
+    lo = shuffle_bytes(isa, broadcast16_x32(tables, toff), low_nibbles(w))
+    hi = shuffle_bytes(isa, broadcast16_x32(tables, toff + 16), high_nibbles(w))
+    return vadd(acc, vadd(widen_i8_i16(lo), widen_i8_i16(hi)))
 
 
 @njit(cache=True, inline="always")
@@ -140,31 +158,33 @@ def _simd_group(isa, packed, params, tables, tscales, sums, bits, t, n, g, y):
     pairs_per_group = n_pairs // n_groups
     block = bits * 32
     weights12 = pair_weights(1, 2)
-    acc0 = splat_i16x32(0)
+    acc0 = splat_i16x32(0)  # planes 0-1; then 2-3 (or the lone plane 2); then 4-5 (or 4): int16 sums of each
     acc1 = splat_i16x32(0)
+    acc2 = splat_i16x32(0)
     for p in range(g * pairs_per_group, (g + 1) * pairs_per_group):
         off = (t * n_pairs + p) * block
         prefetch(packed, off + PREFETCH_BYTES)
         toff = (n * n_pairs + p) * 32
         lo_table = broadcast16_x64(tables, toff)
         hi_table = broadcast16_x64(tables, toff + 16)
-        w = load_i8x64(packed, off)
-        acc0 = vadd(acc0, maddubs(isa, weights12, shuffle_bytes(isa, lo_table, low_nibbles(w))))
-        acc0 = vadd(acc0, maddubs(isa, weights12, shuffle_bytes(isa, hi_table, high_nibbles(w))))
-        if bits == 4:
+        acc0 = _plane_pair(isa, packed, off, lo_table, hi_table, weights12, acc0)
+        if bits >= 4:
             prefetch(packed, off + PREFETCH_BYTES + 64)
-            w = load_i8x64(packed, off + 64)
-            acc1 = vadd(acc1, maddubs(isa, weights12, shuffle_bytes(isa, lo_table, low_nibbles(w))))
-            acc1 = vadd(acc1, maddubs(isa, weights12, shuffle_bytes(isa, hi_table, high_nibbles(w))))
+            acc1 = _plane_pair(isa, packed, off + 64, lo_table, hi_table, weights12, acc1)
         elif bits == 3:
             prefetch(packed, off + PREFETCH_BYTES + 64)
-            w3 = load_i8x32(packed, off + 64)
-            lo = shuffle_bytes(isa, broadcast16_x32(tables, toff), low_nibbles(w3))
-            hi = shuffle_bytes(isa, broadcast16_x32(tables, toff + 16), high_nibbles(w3))
-            acc1 = vadd(acc1, vadd(widen_i8_i16(lo), widen_i8_i16(hi)))
+            acc1 = _lone_plane(isa, packed, off + 64, tables, toff, acc1)
+        if bits >= 6:  # int6 (lm_head's default): a third plane pair, weight 16
+            prefetch(packed, off + PREFETCH_BYTES + 128)
+            acc2 = _plane_pair(isa, packed, off + 128, lo_table, hi_table, weights12, acc2)
+        elif bits == 5:
+            prefetch(packed, off + PREFETCH_BYTES + 128)
+            acc2 = _lone_plane(isa, packed, off + 128, tables, toff, acc2)
     lookups = i16_to_f32(acc0)
     if bits > 2:
         lookups = fma_f32(i16_to_f32(acc1), splat_f32(4.0), lookups)
+    if bits > 4:
+        lookups = fma_f32(i16_to_f32(acc2), splat_f32(16.0), lookups)
     s_x = sums[n, g]
     inner = fma_f32(lookups, splat_f32(0.5 * tscales[n, g]), splat_f32(((1 << bits) - 1) * 0.5 * s_x))
     poff = (t * n_groups + g) * 64
@@ -353,7 +373,7 @@ class Tables:
 def _check_bitserial(packed, params, bits, tables: Tables, out):
     n_tiles, n_pairs = packed.shape[:2]
     m = out.shape[-1]
-    if bits not in (2, 3, 4) or packed.dtype != np.uint8 or packed.shape[2:] != (bits, TILE_M):
+    if bits not in (2, 3, 4, 5, 6) or packed.dtype != np.uint8 or packed.shape[2:] != (bits, TILE_M):
         raise LutqError(f"packed codes u8{list(packed.shape)} are not a bitserial layout of {bits} bits")
     if 8 * n_pairs != tables.k or params.shape != (n_tiles, tables.k // tables.group, 2, TILE_M) \
             or params.dtype != np.uint16:

@@ -6,7 +6,7 @@ table set once per call and lets every part look up into it; `TablePool` keeps t
 decode step allocates no tables.
 
 Which kernel runs which format:
-    int2/3/4, int2k/3k/4k, ternary(-group)   lut.gemv_bitserial   (+-x tables, kind "pm")
+    int2/3/4/6, their k variants, ternary    lut.gemv_bitserial   (+-x tables, kind "pm")
     nf2, nf3                                 codebook.gemv_nf_bitserial (the same +-x tables)
     nf4                                      codebook.gemv_nf4     (codebook x activation tables, kind "cb")
     fineq                                    fineq.gemv_fineq      (five tables per 3-activation cluster, "fq")
@@ -27,7 +27,8 @@ from lutq.quantize.registry import dequantize
 from lutq.quantize.uniform import group_params
 from lutq.runtime.linear import DenseLinear
 
-BITSERIAL = {"int2": 2, "int3": 3, "int4": 4, "int2k": 2, "int3k": 3, "int4k": 4, "ternary": 2, "ternary-group": 2}
+BITSERIAL = {"int2": 2, "int3": 3, "int4": 4, "int6": 6, "int2k": 2, "int3k": 3, "int4k": 4, "int6k": 6, "ternary": 2,
+             "ternary-group": 2}
 
 
 class TablePool:
