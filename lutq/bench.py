@@ -29,9 +29,9 @@ def cache_dir() -> Path:
 
 
 def bench_rules(fmt: str) -> str:
-    """The rules a benchmarked format is quantized with: lm_head (tied or not) in 4 bits unless `fmt` names it, as
-    llama.cpp quantizes its output matrix, since an fp16 head of a small model costs more per token than all layers."""
-    return fmt if "lm_head=" in fmt else f"{fmt},lm_head={head_format(fmt)}"
+    """The rules a benchmarked format is quantized with: as given, so lm_head gets `lutq quantize`'s default (int6k,
+    G = 32: llama.cpp also keeps its output matrix at 6 bits) unless `fmt` names it."""
+    return fmt
 
 
 def quantized_copy(model: str, fmt: str, group_size: int, on_status=None) -> str:
@@ -41,7 +41,7 @@ def quantized_copy(model: str, fmt: str, group_size: int, on_status=None) -> str
     from lutq.quantize.rules import parse_rules
 
     src = Path(model)
-    ident = f"{src.resolve() if src.exists() else model}|{src.stat().st_mtime_ns if src.exists() else ''}|{fmt}|{group_size}"
+    ident = f"head-int6k|{src.resolve() if src.exists() else model}|{src.stat().st_mtime_ns if src.exists() else ''}|{fmt}|{group_size}"
     out = cache_dir() / f"{Path(model).name}-{fmt.replace(',', '_').replace('=', '-').replace('*', 'x')}-g{group_size}-" \
                         f"{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
     if (out / "config.json").exists():
@@ -53,12 +53,6 @@ def quantized_copy(model: str, fmt: str, group_size: int, on_status=None) -> str
     with open_checkpoint(model) as ckpt:
         quantize_checkpoint(ckpt, out, QuantizeOptions(parse_rules(rules), group_size), force=True)
     return str(out)
-
-
-def head_format(fmt: str) -> str:
-    """lm_head is the single largest matrix of a small model and its error reaches every logit: 4 bits at least."""
-    default = fmt.split(",")[0]
-    return default if default in ("int4", "nf4") else "int4"
 
 
 def worker(model: str, threads: list[int], prompt_tokens: int, gen_tokens: int, repeats: int) -> list[dict]:

@@ -220,5 +220,5 @@ def test_bench_model_json(tiny, tmp_path):
             "model_bytes", "load_s"}
     for r in records:
         assert keys <= set(r) and r["decode_tps"] > 0 and r["peak_rss_mb"] > 0
-    assert records[0]["rules"] == "int4,lm_head=int4"
+    assert records[0]["rules"] == "int4"  # lm_head: quantize's default (int6k)
     assert records[0]["model_bytes"] < records[1]["model_bytes"]  # the quantized copy is smaller than the fp32 model
