@@ -106,6 +106,20 @@ def test_embed_int8(tiny, tmp_path):
     assert np.abs(q.load("model.embed_tokens.weight") - w).max() < np.abs(w).max() / 100
 
 
+@pytest.mark.parametrize("embed", ["fp16", "int8"])
+def test_embedding_rows_are_gathered_from_the_stored_type(tiny, tmp_path, embed):
+    """The runtime keeps the embedding as stored (fp16 memory map or int8 codes) and widens only the rows it gathers."""
+    from lutq.runtime.model import load_model
+
+    quantize(tiny, tmp_path / "q", "int4", embed=embed)
+    q = open_checkpoint(tmp_path / "q")
+    net = load_model(q, 16)
+    assert not isinstance(net.embed, np.ndarray)  # no fp32 copy of the whole table
+    ids = np.array([3, 0, 3, 250])
+    np.testing.assert_array_equal(net.embed[ids], q.load("model.embed_tokens.weight")[ids])
+    assert net.embed[ids].dtype == np.float32
+
+
 def test_shards_above_the_limit(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(lutq_dir, "SHARD_BYTES", 40_000)
     quantize(tiny, tmp_path / "q", "int4")

@@ -37,6 +37,14 @@ class Checkpoint(ABC):
     def tokenizer_dir(self) -> Path:
         """A directory holding tokenizer.json (and tokenizer_config.json when there is one)."""
 
+    def rows(self, name: str):
+        """A 2-D tensor for gathering rows: `rows(name)[ids]` gives f32[len(ids), cols] (the token embedding).
+
+        Readers that can gather from their memory map without widening the whole tensor to fp32 override this (an
+        fp16 embedding stays fp16 in the page cache: SmolLM2's is 57 MB instead of 113 MB, TinyLlama's 131 instead
+        of 262)."""
+        return self.load(name)
+
     def file_bytes(self) -> int:
         """Bytes on disk of everything that holds tensors."""
         return sum(t.nbytes for t in self.tensors())

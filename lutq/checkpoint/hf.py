@@ -92,6 +92,13 @@ class HFCheckpoint(Checkpoint):
         scale = self._where[scale_name].load_f32(scale_name)
         return effective_weight(ternary, scale, self._bitnet_class, f"{f.path}: {scale_name}")
 
+    def rows(self, name: str):
+        if name in self._where and name not in self._scales:
+            f = self._where[name]
+            if f.entries[name][0] in ("F16", "F32") and len(f.entries[name][1]) == 2:
+                return Float32Rows(f.raw(name))
+        return super().rows(name)
+
     def tokenizer_dir(self) -> Path:
         if not (self.path / "tokenizer.json").exists():
             raise CheckpointError(self.path / "tokenizer.json", "missing (lutq needs a fast tokenizer file)")
@@ -103,3 +110,14 @@ class HFCheckpoint(Checkpoint):
     def close(self):
         for f in self._files.values():
             f.close()
+
+
+class Float32Rows:
+    """Rows of a memory-mapped fp16/fp32 matrix, widened to fp32 only as they are gathered."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.shape = array.shape
+
+    def __getitem__(self, ids) -> np.ndarray:
+        return self.array[ids].astype(np.float32)

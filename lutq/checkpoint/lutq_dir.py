@@ -248,6 +248,11 @@ class LutqCheckpoint(HFCheckpoint):
         arrays = {k: self._where[n].raw(n) for k in PACKED_ARRAYS if (n := f"{module}.{k}") in self._where}
         return PackedTensor(arrays, dict(self._packed_meta[name]))
 
+    def rows(self, name: str):
+        if name in self._packed_meta and self._packed_meta[name].get("format") == "int8":
+            return Int8Rows(self.packed(name))
+        return super().rows(name)
+
     def load(self, name: str) -> np.ndarray:
         if name not in self._packed_meta:
             if self._is_part(name):
@@ -259,3 +264,16 @@ class LutqCheckpoint(HFCheckpoint):
             return dequantize(self.packed(name))
         except (ValueError, IndexError, KeyError) as e:
             raise CheckpointError(self.path, f"tensor {name!r} is corrupt ({type(e).__name__}: {e})") from None
+
+
+class Int8Rows:
+    """Rows of an int8 embedding (`--embed int8`), dequantized only as they are gathered: codes * group scale."""
+
+    def __init__(self, p: PackedTensor):
+        self.codes, self.scales, self.group = p.arrays["codes"], p.arrays["scales"], p.group_size
+        self.shape = p.shape
+
+    def __getitem__(self, ids) -> np.ndarray:
+        q = self.codes[ids].astype(np.float32)  # [T, K]
+        s = self.scales[ids].astype(np.float32)  # [T, K/G]
+        return (q.reshape(len(q), -1, self.group) * s[..., None]).reshape(q.shape)

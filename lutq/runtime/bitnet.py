@@ -65,7 +65,7 @@ class BitNetModel(LlamaModel):
 def load_bitnet(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True) -> BitNetModel:
     cfg, src = ckpt.config, TensorSource(ckpt, kernels)
     D, F = cfg.hidden_size, cfg.intermediate_size
-    embed = src.get("model.embed_tokens.weight", (cfg.vocab_size, D))
+    embed, lm_head = src.embedding_and_head()
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -73,4 +73,4 @@ def load_bitnet(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = Tr
                                   attn_sub_norm=src.get(p + "self_attn.attn_sub_norm.weight", (D,)),
                                   ffn_sub_norm=src.get(p + "mlp.ffn_sub_norm.weight", (F,))))
     norm = src.get("model.norm.weight", (D,))
-    return BitNetModel(cfg, embed, layers, norm, src.lm_head(embed), context_length(cfg, max_seq))
+    return BitNetModel(cfg, embed, layers, norm, lm_head, context_length(cfg, max_seq))

@@ -47,13 +47,13 @@ def silu_mul(gate_up: np.ndarray) -> np.ndarray:
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, embed: np.ndarray, layers: list[LlamaLayer], norm: np.ndarray,
+    def __init__(self, config: ModelConfig, embed, layers: list[LlamaLayer], norm: np.ndarray,
                  lm_head: DenseLinear, max_seq: int):
         self.config = config
-        self.embed = embed  # f32[V, D]
+        self.embed = embed  # [V, D] rows: embed[ids] -> f32[T, D] (stored fp16/fp32/int8, Checkpoint.rows)
         self.layers = layers
         self.norm = norm  # f32[D]
-        self.lm_head = lm_head  # D -> V (the embedding itself when tied)
+        self.lm_head = lm_head  # D -> V (the embedding itself, in fp32, when tied)
         self.cache = KVCache(config, max_seq)
 
     @property
@@ -107,7 +107,7 @@ class TensorSource:
 
             self.pool = TablePool()  # one set of table buffers for the whole model
 
-    def get(self, name: str, shape: tuple[int, ...], optional: bool = False) -> np.ndarray | None:
+    def get(self, name: str, shape: tuple[int, ...], optional: bool = False, check_only: bool = False):
         if name not in self.shapes:
             if optional:
                 return None
@@ -115,7 +115,7 @@ class TensorSource:
         if tuple(self.shapes[name]) != shape:
             raise CheckpointError(self.ckpt.path, f"tensor {name!r} has shape {list(self.shapes[name])}, "
                                                   f"the config implies {list(shape)}")
-        return self.ckpt.load(name)
+        return None if check_only else self.ckpt.load(name)
 
     def linear(self, name: str, rows: int, cols: int):
         """The layer `name` (without .weight): y = x @ W.T + b, W [rows, cols]."""
@@ -138,12 +138,17 @@ class TensorSource:
         fused = FusedLinear(parts)
         return fused.parts[0] if len(fused.parts) == 1 else fused  # all stacked into one kernel call
 
-    def lm_head(self, embed: np.ndarray):
+    def embedding_and_head(self):
+        """(embedding, lm_head). The embedding is rows to gather (`[ids]` -> f32[T, D]) kept in its stored type
+        (Checkpoint.rows); a tied head is the embedding as one fp32 matrix for BLAS, which both then share."""
         cfg = self.ckpt.config
+        name, shape = "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)
         if "lm_head.weight" in self.shapes:
-            return self.linear("lm_head", cfg.vocab_size, cfg.hidden_size)
+            self.get(name, shape, check_only=True)
+            return self.ckpt.rows(name), self.linear("lm_head", cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
-            return DenseLinear(embed)  # shares the embedding's memory
+            embed = self.get(name, shape)
+            return embed, DenseLinear(embed)  # shares the embedding's memory
         raise CheckpointError(self.ckpt.path, "tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
 
 
@@ -170,7 +175,7 @@ def llama_layer_parts(src: TensorSource, i: int) -> dict:
 def load_llama(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True) -> LlamaModel:
     """Build the model from a checkpoint, reading one tensor at a time."""
     cfg, src = ckpt.config, TensorSource(ckpt, kernels)
-    embed = src.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+    embed, lm_head = src.embedding_and_head()
     layers = [LlamaLayer(**llama_layer_parts(src, i)) for i in range(cfg.num_hidden_layers)]
     norm = src.get("model.norm.weight", (cfg.hidden_size,))
-    return LlamaModel(cfg, embed, layers, norm, src.lm_head(embed), context_length(cfg, max_seq))
+    return LlamaModel(cfg, embed, layers, norm, lm_head, context_length(cfg, max_seq))
