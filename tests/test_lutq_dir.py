@@ -71,7 +71,7 @@ def test_config_and_report(tiny, tmp_path):
     assert qc["quant_method"] == "lutq" and qc["format_version"] == lutq_dir.FORMAT_VERSION
     assert qc["tensors"]["model.layers.0.mlp.down_proj"]["format"] == "int4"
     assert qc["tensors"]["model.layers.0.mlp.up_proj"] == {
-        "format": "nf4", "bits": 4, "group_size": 32, "shape": [160, 64], "layout": "bitserial",
+        "format": "nf4", "bits": 4, "group_size": 32, "shape": [160, 64], "layout": "codebook",
         "layout_version": qc["tensors"]["model.layers.0.mlp.up_proj"]["layout_version"]}
     assert "lm_head" not in qc["tensors"]
     saved = json.loads((tmp_path / "q" / "quant_report.json").read_text())

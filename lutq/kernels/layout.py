@@ -51,6 +51,7 @@ import numpy as np
 TILE_M = 32
 K_MULTIPLE = 8
 LAYOUT_VERSION = 2
+CODEBOOK_LAYOUT_VERSION = 1  # scheme "codebook" (nf4)
 
 
 def padded_rows(m: int) -> int:

@@ -24,7 +24,8 @@ from statistics import NormalDist
 
 import numpy as np
 
-from lutq.kernels.layout import LAYOUT_VERSION, pack_bitserial, padded_rows, unpack_bitserial
+from lutq.kernels.layout import (CODEBOOK_LAYOUT_VERSION, LAYOUT_VERSION, pack_bitserial, pack_codebook, padded_rows,
+                                 unpack_bitserial, unpack_codebook)
 from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, importance, to_f16, weighted_error
 
 OFFSET = (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16)) / 2  # QLoRA's 0.9677...
@@ -98,9 +99,15 @@ def codes_for(x: np.ndarray, s: np.ndarray, cb: np.ndarray) -> np.ndarray:
     return nearest(x / np.where(s == 0, 1.0, s)[:, None], cb)
 
 
+def layout_of(bits: int) -> str:
+    """The code layout each nf format's kernel streams: nf4 looks its whole 4-bit codes up in codebook tables
+    (codebook.gemv_nf4); nf2 and nf3 combine bit-planes (codebook.gemv_nf_bitserial)."""
+    return "codebook" if bits == 4 else "bitserial"
+
+
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
-    """The one place the nf formats choose their code layout (a codebook-specific scheme can replace it here)."""
-    return pack_bitserial(q, bits)
+    """The one place the nf formats choose their code layout."""
+    return pack_codebook(q) if layout_of(bits) == "codebook" else pack_bitserial(q, bits)
 
 
 class NormalFloatFormat:
@@ -129,13 +136,17 @@ class NormalFloatFormat:
             scales[rows] = s.reshape(-1, ng)
 
         for_row_chunks(m, k, fit)
+        scheme = layout_of(self.bits)
+        version = CODEBOOK_LAYOUT_VERSION if scheme == "codebook" else LAYOUT_VERSION
         meta = {"format": self.name, "bits": self.bits, "group_size": group_size, "shape": [m, k],
-                "layout": "bitserial", "layout_version": LAYOUT_VERSION}
+                "layout": scheme, "layout_version": version}
         arrays = {"codes": pack_codes(q, self.bits), "scales": scales, "codebook": self.codebook.copy()}
         return PackedTensor(arrays, meta)
 
     def codes(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
+        if p.meta.get("layout") == "codebook":
+            return unpack_codebook(np.asarray(p.arrays["codes"]), m, k)
         return unpack_bitserial(np.asarray(p.arrays["codes"]), p.bits, m, k)
 
     def dequantize(self, p: PackedTensor) -> np.ndarray:

@@ -85,7 +85,7 @@ class QuantLinear:
         elif p.format == "nf4":
             self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
             codebook = np.ascontiguousarray(a["codebook"], np.float32)
-            if p.meta.get("layout") == "bitserial":  # written before nf4 had its own layout
+            if p.meta.get("layout") == "bitserial":  # written before nf4 stored its own layout: repacked (slow)
                 self.codes = pack_codebook(unpack_bitserial(self.codes, 4, m, k))
             self.table_key = ("cb", k, self.group, codebook.tobytes())
         elif p.format == "fineq":
