@@ -25,7 +25,8 @@ from statistics import NormalDist
 import numpy as np
 
 from lutq.kernels.layout import LAYOUT_VERSION, pack_bitserial, padded_rows, unpack_bitserial
-from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, importance, to_f16, weighted_error
+from lutq.quantize.packed import (PackedTensor, check_shape, for_row_chunks, importance, stored_dims, to_f16,
+                                  weighted_error)
 
 OFFSET = (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16)) / 2  # QLoRA's 0.9677...
 SCALE_GRID = np.linspace(0.55, 1.0, 16)  # candidate scale / absmax
@@ -134,6 +135,12 @@ class NormalFloatFormat:
         arrays = {"codes": pack_codes(q, self.bits), "scales": scales, "codebook": self.codebook.copy()}
         return PackedTensor(arrays, meta)
 
+    def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Array name -> (dtype, shape) that a tensor with this metadata stores (ValueError: impossible metadata)."""
+        m, k, g = stored_dims(meta, self.bits, "bitserial")
+        return {"codes": (np.dtype(np.uint8), (padded_rows(m) // 32, k // 8, self.bits, 32)),
+                "scales": (np.dtype(np.float16), (m, k // g)), "codebook": (np.dtype(np.float32), (1 << self.bits,))}
+
     def codes(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
         return unpack_bitserial(np.asarray(p.arrays["codes"]), p.bits, m, k)
@@ -141,5 +148,6 @@ class NormalFloatFormat:
     def dequantize(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
         g = p.group_size
-        levels = np.asarray(p.arrays["codebook"], np.float32)[self.codes(p)].reshape(m, k // g, g)
-        return (levels * np.asarray(p.arrays["scales"], np.float32)[..., None]).reshape(m, k)
+        w = np.asarray(p.arrays["codebook"], np.float32)[self.codes(p)].reshape(m, k // g, g)
+        w *= np.asarray(p.arrays["scales"], np.float32)[..., None]  # in place: no temporary the size of W
+        return w.reshape(m, k)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from lutq.kernels.layout import LAYOUT_VERSION, pack_bitserial, padded_rows, unpack_bitserial
-from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, sq_error, to_f16
+from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, sq_error, stored_dims, to_f16
 
 # Step = (max - min) / nmax / f for f on this grid: f > 1 clips the tails to resolve the bulk more finely.
 STEP_GRID = np.linspace(0.85, 1.6, 16)
@@ -117,6 +117,12 @@ class UniformFormat:
                 "layout": "bitserial", "layout_version": LAYOUT_VERSION}
         return PackedTensor({"codes": pack_codes(q, self.bits), "scales": scales, "biases": biases}, meta)
 
+    def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Array name -> (dtype, shape) that a tensor with this metadata stores (ValueError: impossible metadata)."""
+        m, k, g = stored_dims(meta, self.bits, "bitserial")
+        return {"codes": (np.dtype(np.uint8), (padded_rows(m) // 32, k // 8, self.bits, 32)),
+                "scales": (np.dtype(np.float16), (m, k // g)), "biases": (np.dtype(np.float16), (m, k // g))}
+
     def codes(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
         return unpack_bitserial(np.asarray(p.arrays["codes"]), p.bits, m, k)
@@ -124,7 +130,7 @@ class UniformFormat:
     def dequantize(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
         g = p.group_size
-        q = self.codes(p).reshape(m, k // g, g).astype(np.float32)
-        s = np.asarray(p.arrays["scales"], np.float32)[..., None]
-        b = np.asarray(p.arrays["biases"], np.float32)[..., None]
-        return (q * s + b).reshape(m, k)
+        w = self.codes(p).reshape(m, k // g, g).astype(np.float32)
+        w *= np.asarray(p.arrays["scales"], np.float32)[..., None]  # in place: no temporaries the size of W
+        w += np.asarray(p.arrays["biases"], np.float32)[..., None]
+        return w.reshape(m, k)
