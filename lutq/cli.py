@@ -64,6 +64,18 @@ def load(model: str, max_seq: int | None):
     return ckpt, load_model(ckpt, max_seq), tokenizer
 
 
+VERIFY_HELP = "First check the lutq directory's file hashes and tensor shapes in full (what `lutq verify` does)."
+
+
+def verify_first(model: str) -> None:
+    """--verify: the full integrity check before anything is loaded."""
+    from lutq.checkpoint.integrity import verify_before_loading
+
+    if verify_before_loading(model)["sha256"] == "absent":
+        err.print(f"{model}: no hashes recorded (written by an older lutq); sizes and shapes checked", style="dim",
+                  markup=False, soft_wrap=True)
+
+
 def print_stats(res) -> None:
     sys.stdout.flush()  # the generated text first, then the figures, also when both go to one pipe
     err.print(
@@ -87,6 +99,7 @@ def generate(
     stop: List[str] = typer.Option([], "--stop", help="Stop when this string appears (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template as a user turn."),
     threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
+    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ):
     """Generate text from a prompt and print prompt and decode speed.
 
@@ -96,6 +109,8 @@ def generate(
     if max_tokens < 1:
         raise LutqError(f"--max-tokens must be >= 1, got {max_tokens}")
     params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    if verify:
+        verify_first(model)
     from lutq.checkpoint import open_checkpoint
     from lutq.runtime.generate import check_prompt_fits, generate as run
     from lutq.runtime.model import load_model
@@ -126,6 +141,7 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     ctx: int = typer.Option(4096, "--ctx", help="Context window for the conversation, in tokens."),
     threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
+    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ):
     """Chat with a model interactively, using its chat template. Empty line or Ctrl-D ends; /reset starts over.
 
@@ -133,6 +149,8 @@ def chat(
     """
     set_threads(threads)
     params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    if verify:
+        verify_first(model)
     from lutq.runtime.generate import generate as run
 
     ckpt, net, tokenizer = load(model, ctx)
@@ -181,6 +199,34 @@ def inspect(model: str = typer.Argument(..., help=MODEL_HELP)):
 
     with open_checkpoint(model) as ckpt:
         out.print(render(ckpt))
+
+
+@app.command()
+def verify(
+    directory: Path = typer.Argument(..., metavar="DIR", help="A lutq directory (written by `lutq quantize`)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Check a lutq directory in full: format version, each file's size and sha256 against the ones recorded when
+    it was written, every quantized tensor's stored arrays against its metadata, every tensor against the config.
+
+    Prints one OK line, or the first problem as one error line (exit code 2).
+
+    Example: lutq verify smollm2-nf4
+    """
+    from lutq.checkpoint.integrity import verify_dir
+    from lutq.inspect import human_bytes
+
+    res = verify_dir(directory)
+    if as_json:
+        import json
+
+        out.print(json.dumps(res), markup=False, soft_wrap=True)
+        return
+    hashes = ("sha256 verified" if res["sha256"] == "ok"
+              else "no sha256 recorded (written by an older lutq): hashes not checked")
+    out.print(f"OK {directory}: lutq format version {res['format_version']}, {res['files']} file(s), "
+              f"{human_bytes(res['bytes'])}, {hashes}; {res['tensors']} tensors ({res['quantized']} quantized) "
+              f"match their metadata and the config", markup=False, soft_wrap=True)
 
 
 def progress_bar():
@@ -263,6 +309,7 @@ def eval(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
+    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ):
     """Perplexity over non-overlapping windows of --ctx tokens, each scored on every position but its first.
 
@@ -279,6 +326,8 @@ def eval(
         raise LutqError(f"--ctx must be >= 2, got {ctx}")
     if max_windows is not None and max_windows < 1:
         raise LutqError(f"--max-windows must be >= 1, got {max_windows}")
+    if verify:
+        verify_first(model)
     from lutq.checkpoint import open_checkpoint
     from lutq.runtime.model import load_model
     from lutq.runtime.tokenizer import Tokenizer
@@ -399,12 +448,18 @@ def bench_kernels(
         wide_table(bench.table(records))
 
 
+def one_line(text: str) -> str:
+    """A message as one printable line: names from a hostile file may hold newlines or unencodable surrogates."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except LutqError as e:
-        err.print(f"error: {e}", markup=False, soft_wrap=True)
+        err.print(f"error: {one_line(str(e))}", markup=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -423,6 +478,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    # Not standalone, typer returns an exit code instead of exiting: 130 is its KeyboardInterrupt (Ctrl-C, or SIGTERM
+    # in `lutq quantize`), which older typer versions raise instead (handled above).
+    if code == 130:
+        err.print("interrupted", markup=False)
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

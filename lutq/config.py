@@ -7,6 +7,7 @@ Both spellings of RoPE settings are accepted: transformers 4 (`rope_theta` + `ro
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,7 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise CheckpointError(source, "config is not a JSON object")
         model_type = d.get("model_type")
-        if model_type not in SUPPORTED_ARCHITECTURES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_ARCHITECTURES:
             archs = d.get("architectures")
             raise CheckpointError(
                 source,
@@ -79,7 +80,7 @@ class ModelConfig:
             rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         if isinstance(rope_scaling, dict):
             rtype = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if rtype not in SUPPORTED_ROPE_TYPES:
+            if not isinstance(rtype, str) or rtype not in SUPPORTED_ROPE_TYPES:
                 raise CheckpointError(source, f"unsupported rope scaling {rtype!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
             if rtype == "default":
                 rope_scaling = None
@@ -101,13 +102,18 @@ class ModelConfig:
         if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
             raise CheckpointError(source, f"head_dim {head_dim!r} must be a positive even integer")
         hidden_act = d.pop("hidden_act", ACTIVATIONS[model_type][0])
-        if hidden_act not in ACTIVATIONS[model_type]:
+        if not isinstance(hidden_act, str) or hidden_act not in ACTIVATIONS[model_type]:
             raise CheckpointError(source, f"unsupported hidden_act {hidden_act!r} for {model_type} "
                                           f"(supported: {', '.join(ACTIVATIONS[model_type])})")
         eps = d.pop("rms_norm_eps", 1e-6)
         theta = rope_theta if rope_theta is not None else 10000.0
-        if not isinstance(eps, (int, float)) or not isinstance(theta, (int, float)) or eps <= 0 or theta <= 0:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in (eps, theta)):
             raise CheckpointError(source, "rms_norm_eps and rope_theta must be positive numbers")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = d.get(name)
+            ids = v if isinstance(v, list) else [v]
+            if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise CheckpointError(source, f"field {name!r} must be a token id, a list of them or null, got {v!r}")
         cfg = cls(
             model_type=d.pop("model_type"),
             vocab_size=need_int("vocab_size"),

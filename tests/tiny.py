@@ -102,3 +102,51 @@ def make_bitnet_model(path: Path, linear_class: str = "autobitlinear", packed: b
     (path / "config.json").write_text(json.dumps(d))
     model = transformers.BitNetForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return torch.nn.Module.float(model)  # transformers refuses .float() on quantized models; the layers run fine in fp32
+
+
+def make_numpy_model(path: Path, hidden: int = 64, intermediate: int = 160, layers: int = 2, seed: int = 0,
+                     tokenizer_from: Path | None = None) -> Path:
+    """A random Llama checkpoint written with numpy alone (no torch): quick to build at any size, for tests that
+    need a model larger than the tiny one (slow enough to interrupt, large enough to measure memory).
+    The tokenizer files are copied from `tokenizer_from` when given (training one takes a moment)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if tokenizer_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(Path(tokenizer_from) / name, path / name)
+        vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
+        vocab_size = len(vocab) + 3  # the special tokens
+    else:
+        vocab_size = make_tokenizer(path)
+    heads, kv_heads = 4, 2
+    head_dim = hidden // heads
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab_size, hidden_size=hidden,
+                  intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, hidden_act="silu")
+    (path / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.08).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": normal(vocab_size, hidden), "lm_head.weight": normal(vocab_size, hidden),
+               "model.norm.weight": np.ones(hidden, np.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors |= {p + "input_layernorm.weight": np.ones(hidden, np.float32),
+                    p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+                    p + "self_attn.q_proj.weight": normal(hidden, hidden),
+                    p + "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden),
+                    p + "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden),
+                    p + "self_attn.o_proj.weight": normal(hidden, hidden),
+                    p + "mlp.gate_proj.weight": normal(intermediate, hidden),
+                    p + "mlp.up_proj.weight": normal(intermediate, hidden),
+                    p + "mlp.down_proj.weight": normal(hidden, intermediate)}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path

@@ -9,33 +9,40 @@
     OUT/quant_report.json
 
 The writer streams: each array goes to the current shard's data file as it arrives, and the shard's safetensors header
-is written in front of it at the end. Everything is written into a hidden temporary directory beside OUT that is
-renamed to OUT only once complete, so a failure or Ctrl-C leaves no OUT behind.
+is written in front of it at the end, hashing the shard (sha256) on the way: config.json records each shard's size and
+hash (quantization_config.checksums, lutq/checkpoint/integrity.py). Everything is written into a hidden temporary
+directory beside OUT that is renamed to OUT only once complete, under a lock that keeps a second writer of the same
+OUT out (lutq/checkpoint/out_dir.py), so a failure, Ctrl-C or kill -9 leaves no OUT behind, never a partial one.
 
 The loader memory-maps the shards: `packed(name)` hands out the stored arrays as read-only views (no repacking), and
-`load(name)` dequantizes, so the fp32 runtime runs a lutq directory like any other checkpoint.
+`load(name)` dequantizes, so the fp32 runtime runs a lutq directory like any other checkpoint. Opening checks what is
+cheap to check, so that no kernel ever indexes past an array: the format version, each shard's size against the
+record, and each quantized tensor's stored arrays (names, dtypes, shapes) against what its metadata implies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
 import struct
-import tempfile
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
+from lutq.checkpoint import integrity
 from lutq.checkpoint.base import TensorInfo
 from lutq.checkpoint.hf import HFCheckpoint, read_json
+from lutq.checkpoint.out_dir import OutputClaim
 from lutq.config import ModelConfig
-from lutq.errors import CheckpointError, LutqError
+from lutq.errors import CheckpointError
 from lutq.quantize.packed import PackedTensor
 
 QUANT_METHOD = "lutq"
 FORMAT_VERSION = 1
 SHARD_BYTES = 2 * 1024**3
+COPY_CHUNK = 4 << 20  # bytes per read when the shard's data is copied behind its header (and hashed)
 PACKED_ARRAYS = ("codes", "scales", "biases", "codebook", "tensor_scale", "scale_codes", "zero_codes", "scale_step")
 DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8",
                np.dtype(np.int8): "I8", np.dtype(np.int32): "I32"}
@@ -73,7 +80,7 @@ class ShardWriter:
             self._next_shard()
         shard = self.shards[-1]
         begin = shard["size"]
-        self._file.write(array.tobytes())
+        self._file.write(memoryview(array).cast("B"))  # the array's own bytes: no copy of a large tensor
         shard["size"] += array.nbytes
         shard["header"][name] = {"dtype": DTYPE_NAMES[array.dtype], "shape": list(array.shape),
                                  "data_offsets": [begin, shard["size"]]}
@@ -88,50 +95,45 @@ class ShardWriter:
         if self._file is not None:
             self._file.close()
 
-    def finish(self, metadata: dict[str, str]) -> dict[str, str]:
-        """Write the shard files; returns tensor name -> shard file name."""
+    def finish(self, metadata: dict[str, str]) -> dict[str, dict]:
+        """Write the shard files; returns the checksums record: shard file name -> {"bytes": n, "sha256": hex}."""
         self.close()
         if not self.shards:
             self._next_shard()
             self.close()
         n = len(self.shards)
-        weight_map = {}
+        weight_map, checksums = {}, {}
         for i, shard in enumerate(self.shards):
             fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             header = json.dumps({"__metadata__": metadata, **shard["header"]}, separators=(",", ":")).encode()
             header += b" " * (-len(header) % 8)  # keeps the data 8-byte aligned, as the safetensors spec suggests
+            digest, size = hashlib.sha256(), 0
             with open(self.directory / fname, "wb") as out, open(shard["data"], "rb") as data:
-                out.write(struct.pack("<Q", len(header)))
-                out.write(header)
-                shutil.copyfileobj(data, out, 16 << 20)
+                chunks = iter(lambda: data.read(COPY_CHUNK), b"")
+                for chunk in chain([struct.pack("<Q", len(header)) + header], chunks):
+                    out.write(chunk)
+                    digest.update(chunk)  # hashed as written: the file is read once, not twice
+                    size += len(chunk)
             shard["data"].unlink()
             weight_map |= {name: fname for name in shard["header"]}
+            checksums[fname] = {"bytes": size, "sha256": digest.hexdigest()}
         if n > 1:
             index = {"metadata": {"total_size": sum(s["size"] for s in self.shards)}, "weight_map": weight_map}
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return weight_map
+        return checksums
 
 
 class LutqDirWriter:
     """Builds a lutq directory in a temporary directory beside `out`; `commit` renames it into place.
 
     Use as a context manager: leaving the block by an exception (Ctrl-C included) deletes the temporary directory.
+    Refuses an existing `out` unless `force`, and an `out` another process is writing (lutq/checkpoint/out_dir.py).
     """
 
     def __init__(self, out: Path, force: bool = False):
         self.out = Path(out)
-        if self.out.exists() and not force:
-            raise LutqError(f"{self.out}: already exists (pass --force to replace it)")
-        if not self.out.parent.is_dir():
-            raise LutqError(f"{self.out.parent}: no such directory")
-        self.force = force
-        try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-        except OSError as e:
-            raise LutqError(f"{self.out.parent}: cannot write ({e.strerror})") from None
+        self.claim = OutputClaim(self.out, force)
+        self.tmp = self.claim.tmp
         self.shards = ShardWriter(self.tmp)
         self.tensors: dict[str, dict] = {}  # module -> metadata, for quantization_config
 
@@ -157,24 +159,18 @@ class LutqDirWriter:
 
     def commit(self, config: ModelConfig, quantization_config: dict, tokenizer_dir: Path) -> None:
         """Write config, shards and tokenizer files, then move the directory into place."""
-        self.shards.finish({"format": QUANT_METHOD, "lutq_format_version": str(FORMAT_VERSION)})
+        checksums = self.shards.finish({"format": QUANT_METHOD, "lutq_format_version": str(FORMAT_VERSION)})
         qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, **quantization_config,
-              "tensors": self.tensors}
+              "checksums": checksums, "tensors": self.tensors}
         self.write_json("config.json", {**config.to_hf_dict(), "quantization_config": qc})
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copyfile(Path(tokenizer_dir) / name, self.tmp / name)
-        if self.out.exists():  # --force: the old OUT goes only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.rename(self.out, old / "x")
-            os.rename(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.out)
+        self.claim.commit()  # --force: the old OUT goes only once the new one is in place
 
     def abort(self) -> None:
         self.shards.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.claim.release()
 
 
 class LutqCheckpoint(HFCheckpoint):
@@ -184,14 +180,18 @@ class LutqCheckpoint(HFCheckpoint):
 
     def __init__(self, path: Path):
         path = Path(path)
-        qc = read_json(path / "config.json").get("quantization_config")
+        cfg = read_json(path / "config.json")
+        qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
         if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
             raise CheckpointError(path / "config.json", "not a lutq directory (quantization_config.quant_method != 'lutq')")
         version = qc.get("format_version")
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION or isinstance(version, bool):
             raise CheckpointError(path, f"lutq format version {version!r} is not supported by this lutq "
                                         f"(it reads version {FORMAT_VERSION}); use a matching lutq release")
+        # Sizes before parsing the shards: a truncated file is reported as truncated, not as a header that lies.
+        checksums = integrity.check_record(path, qc.get("checksums"))
         super().__init__(path)
+        integrity.check_files_recorded(path, checksums, self._files)
         tensors = qc.get("tensors")
         if not isinstance(tensors, dict):
             raise CheckpointError(path / "config.json", "quantization_config has no 'tensors' object")
@@ -202,28 +202,45 @@ class LutqCheckpoint(HFCheckpoint):
             self._packed_meta[module + ".weight"] = meta
 
     def _check_entry(self, module: str, meta) -> None:
+        """A quantized tensor's metadata is one this lutq reads, and its stored arrays are exactly the ones, of the
+        dtypes and shapes, that the metadata implies: nothing downstream indexes past an array."""
         from lutq.quantize.registry import FORMATS, LAYOUTS
 
         where = self.path / "config.json"
-        if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
-            fmt = meta.get("format") if isinstance(meta, dict) else meta
+        fmt = meta.get("format") if isinstance(meta, dict) else meta
+        if not isinstance(fmt, str) or fmt not in FORMATS:
             raise CheckpointError(where, f"tensor {module!r}: unknown format {fmt!r}")
-        shape = meta.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
-            raise CheckpointError(where, f"tensor {module!r}: bad shape {shape!r}")
         scheme, version = meta.get("layout"), meta.get("layout_version")
-        if scheme not in LAYOUTS or version != LAYOUTS[scheme]:
+        known = LAYOUTS.get(scheme) if isinstance(scheme, str) else None
+        if known is None or version != known or isinstance(version, bool):
             raise CheckpointError(where, f"tensor {module!r}: code layout {scheme!r} version {version!r} is not the one "
-                                         f"this lutq reads ({LAYOUTS.get(scheme, 'none')}); quantize the model again")
-        params = "scale_codes" if meta.get("param_bits") == 8 else "scales"  # the int<B>k formats: 8-bit codes
-        for key in ("codes", params):
-            if f"{module}.{key}" not in self._where:
-                raise CheckpointError(self.path, f"tensor {module}.{key} is missing")
-        scales = self._where[f"{module}.{params}"].entries[f"{module}.{params}"][1]
-        g = meta.get("group_size")
-        if not isinstance(g, int) or g <= 0 or scales != (shape[0], shape[1] // g):
-            raise CheckpointError(self.path, f"tensor {module}.{params} has shape {list(scales)}, "
-                                             f"group size {g!r} of {shape} implies another")
+                                         f"this lutq reads ({known or 'none'}); quantize the model again")
+        try:
+            want = FORMATS[fmt].stored_arrays(meta)
+        except ValueError as e:
+            raise CheckpointError(where, f"tensor {module!r}: {e}") from None
+        if f"{module}.weight" in self._where:
+            raise CheckpointError(self._where[f"{module}.weight"].path,
+                                  f"tensor {module + '.weight'!r} is stored both quantized and unquantized")
+        for key in PACKED_ARRAYS:
+            name = f"{module}.{key}"
+            stored = self._where.get(name)
+            if key not in want:
+                if stored is not None:
+                    raise CheckpointError(stored.path, f"tensor {name!r} is not part of a {fmt} tensor")
+                continue
+            if stored is None:
+                raise CheckpointError(self.path, f"tensor {name!r} is missing")
+            dtype, shape = stored.entries[name][:2]
+            want_dtype, want_shape = DTYPE_NAMES[want[key][0]], want[key][1]
+            if (dtype, tuple(shape)) != (want_dtype, want_shape):
+                raise CheckpointError(stored.path, f"tensor {name!r} is {dtype} {list(shape)}, but its metadata "
+                                                   f"({fmt}, shape {meta['shape']}, group size {meta['group_size']}) "
+                                                   f"implies {want_dtype} {list(want_shape)}")
+
+    def shard_files(self) -> list[str]:
+        """The names of the tensor files (model.safetensors, or the shards the index names)."""
+        return list(self._files)
 
     def _is_part(self, name: str) -> bool:
         module, _, key = name.rpartition(".")

@@ -29,9 +29,24 @@ DTYPES = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook that refuses a key given twice (json.loads would silently keep the last one)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """bfloat16 bits (uint16) -> float32: the bf16 pattern is the high half of the fp32 pattern."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+    wide = raw.astype(np.uint32)
+    wide <<= 16  # in place: a second temporary the size of the fp32 tensor would double a load's peak
+    return wide.view(np.float32)
 
 
 class SafetensorsFile:
@@ -50,9 +65,11 @@ class SafetensorsFile:
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise CheckpointError(self.path, f"bad header length {n} for a file of {size} bytes (truncated or not safetensors)")
         try:
-            header = json.loads(self._fh.read(n).decode("utf-8"))
+            header = json.loads(self._fh.read(n).decode("utf-8"), object_pairs_hook=unique_keys)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(self.path, "header is not valid UTF-8 JSON (not a safetensors file?)") from None
+        except DuplicateKey as e:
+            raise CheckpointError(self.path, f"tensor {e.args[0]!r} appears twice in the header") from None
         if not isinstance(header, dict):
             raise CheckpointError(self.path, "header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
@@ -64,7 +81,7 @@ class SafetensorsFile:
             if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
                 raise CheckpointError(self.path, f"tensor {name!r}: header entry lacks dtype/shape/data_offsets")
             dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-            if dtype not in DTYPES:
+            if not isinstance(dtype, str) or dtype not in DTYPES:
                 raise CheckpointError(self.path, f"tensor {name!r}: unsupported dtype {dtype!r}")
             if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
                 raise CheckpointError(self.path, f"tensor {name!r}: bad shape {shape!r}")

@@ -58,6 +58,19 @@ def padded_rows(m: int) -> int:
     return -(-m // TILE_M) * TILE_M
 
 
+CHUNK_CODES = 1 << 21
+
+
+def tile_chunks(m: int, k: int) -> list[slice]:
+    """Slices of whole 32-row tiles covering padded_rows(m) rows, about CHUNK_CODES codes each.
+
+    Packing and unpacking work a chunk of tiles at a time (tiles are independent): their bit-plane temporaries are
+    several times the codes' size, and over a whole lm_head they would dominate `lutq quantize`'s peak memory.
+    """
+    tiles, step = padded_rows(m) // TILE_M, max(1, CHUNK_CODES // (TILE_M * max(k, 1)))
+    return [slice(t, min(tiles, t + step)) for t in range(0, tiles, step)]
+
+
 def pack_bitserial(codes: np.ndarray, bits: int) -> np.ndarray:
     """codes: u8[M, K] with values < 2**bits -> u8[M_pad/32, K/8, bits, 32]."""
     m, k = codes.shape
@@ -65,8 +78,18 @@ def pack_bitserial(codes: np.ndarray, bits: int) -> np.ndarray:
         raise ValueError(f"K = {k} is not a multiple of {K_MULTIPLE}")
     if codes.max(initial=0) >= 1 << bits:
         raise ValueError(f"codes do not fit in {bits} bits")
-    q = np.zeros((padded_rows(m), k), np.uint8)
-    q[:m] = codes
+    out = np.empty((padded_rows(m) // TILE_M, k // 8, bits, TILE_M), np.uint8)
+    for tiles in tile_chunks(m, k):
+        rows = codes[tiles.start * TILE_M : tiles.stop * TILE_M]
+        out[tiles] = _pack_bitserial_tiles(rows, bits, tiles.stop - tiles.start)
+    return out
+
+
+def _pack_bitserial_tiles(codes: np.ndarray, bits: int, n_tiles: int) -> np.ndarray:
+    """pack_bitserial of the rows of n_tiles whole tiles (fewer rows: zero rows pad the last tile)."""
+    k = codes.shape[1]
+    q = np.zeros((n_tiles * TILE_M, k), np.uint8)
+    q[: len(codes)] = codes
     q = q.reshape(-1, TILE_M, k // 8, 2, 4)  # [t, r, p, half, k]
     planes = [((q >> b) & 1) for b in range(bits)]  # each [t, r, p, half, k]
     weights = (1 << np.arange(4, dtype=np.uint8))
@@ -89,13 +112,22 @@ def unpack_bitserial(packed: np.ndarray, bits: int, m: int, k: int) -> np.ndarra
     t, p, b, r = packed.shape
     if (p * 8, b, r) != (k, bits, TILE_M) or t * TILE_M < m:
         raise ValueError(f"packed shape {packed.shape} does not hold {m}x{k} codes of {bits} bits")
+    out = np.empty((t * TILE_M, k), np.uint8)
+    for tiles in tile_chunks(t * TILE_M, k):
+        out[tiles.start * TILE_M : tiles.stop * TILE_M] = _unpack_bitserial_tiles(packed[tiles], bits)
+    return out[:m]
+
+
+def _unpack_bitserial_tiles(packed: np.ndarray, bits: int) -> np.ndarray:
+    t, p, b, r = packed.shape
+    k = p * 8
     byte = np.empty((t, p, bits * TILE_M), np.uint8)
     byte[..., _plane_order(bits)] = packed.reshape(t, p, -1)
     byte = byte.reshape(t, p, b, r).transpose(0, 3, 1, 2)  # [t, r, p, b]
     nib = np.stack([byte & 0xF, byte >> 4], axis=3)  # [t, r, p, half, b]
     bitsk = (nib[..., None] >> np.arange(4, dtype=np.uint8)) & 1  # [t, r, p, half, b, k]
     q = (bitsk << np.arange(bits, dtype=np.uint8)[:, None]).sum(axis=4, dtype=np.uint8)  # [t, r, p, half, k]
-    return q.reshape(t * TILE_M, k)[:m]
+    return q.reshape(t * TILE_M, k)
 
 
 def pack_crumbs(codes: np.ndarray) -> np.ndarray:

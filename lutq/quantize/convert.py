@@ -13,8 +13,12 @@ What is quantized, and how:
   the config says tie_word_embeddings false; `lm_head=fp16` keeps it tied, reading the fp16 embedding. With
   --bits-budget and no rule naming it, an untied lm_head is the planner's like any weight and a tied one stays tied.
 
-Peak memory is about the largest tensor times a small constant (the search's float64 temporaries work on row chunks)
-plus the source's memory map: each tensor is loaded, quantized, written and dropped before the next.
+Peak memory is about two fp32 copies of the largest tensor (the weight and its dequantized copy, for the error
+report) plus a constant, plus the source's memory map: each tensor is loaded, quantized, written and dropped before
+the next, and everything inside works on chunks (docs/FORMAT.md, "Memory"; tests/test_memory.py).
+
+Bad values are refused by tensor name before anything is written for them: NaN or Inf anywhere, and weights beyond
+fp16's range in a tensor stored quantized or as fp16 (docs/FORMAT.md, "Edge cases").
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 EMBED_FORMATS = ("fp16", "int8")
 DEFAULT_HEAD = Choice("int6k", 32)
+FP16_MAX = 65504.0
 
 
 @dataclass
@@ -155,20 +160,38 @@ def choose_formats(ckpt: Checkpoint, options: QuantizeOptions, on_progress=None)
 
 
 def load_checked(ckpt: Checkpoint, name: str) -> np.ndarray:
+    """The tensor, refused with a count of its NaN and infinite values if it has any: no format can store them,
+    and one NaN in a group would make that group's scale, and so the whole group, NaN."""
     w = ckpt.load(name)
-    if not np.all(np.isfinite(w)):
-        raise LutqError(f"{name}: holds NaN or infinite values; refusing to quantize it")
+    if not np.isfinite(w).all():
+        nan = int(np.count_nonzero(np.isnan(w)))
+        inf = int(w.size - nan - np.count_nonzero(np.isfinite(w)))
+        raise LutqError(f"{name}: {nan} NaN and {inf} Inf values; refusing to quantize it (the source checkpoint "
+                        f"is broken)")
     return w
+
+
+def check_fp16_range(name: str, w: np.ndarray) -> None:
+    """Scales, offsets and kept weights are stored as fp16: a weight beyond its range would store an infinity."""
+    largest = max(float(w.max(initial=0)), -float(w.min(initial=0)))  # no |w| copy of a large tensor
+    if largest > FP16_MAX:
+        raise LutqError(f"{name}: a weight of magnitude {largest:.4g} is beyond fp16's range ({FP16_MAX:g}), "
+                        f"which lutq stores scales and kept weights in; refusing to store infinities")
 
 
 def quantize_tensor(w: np.ndarray, choice: Choice, refine: bool, name: str):
     """(PackedTensor, relative error); a shape the format cannot take becomes a LutqError naming the tensor."""
     fmt = choice.format
+    check_fp16_range(name, w)
     try:
         p = get_format(fmt).quantize(w, choice.group_size, refine)
     except ValueError as e:
         raise LutqError(f"{name}: cannot quantize to {fmt}: {e}") from None
-    return p, relative_error(w, get_format(fmt).dequantize(p))
+    err = relative_error(w, get_format(fmt).dequantize(p))
+    # A safety net: every format keeps its scales finite for finite weights in fp16's range (tests/test_numeric_edge.py)
+    if not np.isfinite(err) or not all(np.isfinite(a).all() for a in p.arrays.values() if a.dtype.kind == "f"):
+        raise LutqError(f"{name}: quantizing to {fmt} gave non-finite values (a bug in lutq; please report it)")
+    return p, err
 
 
 def quantize_checkpoint(ckpt: Checkpoint, out: Path, options: QuantizeOptions, force: bool = False,
@@ -196,10 +219,10 @@ def quantize_checkpoint(ckpt: Checkpoint, out: Path, options: QuantizeOptions, f
             choice = plan.get(name) or (Choice(options.embed, options.group_size) if name == EMBED else None)
             fmt = choice.format if choice else None
             if fmt == KEEP:
+                check_fp16_range(name, w)
                 stored = w.astype(np.float16)
                 writer.add_plain(name, stored)
-                rep = TensorReport(name, KEEP, w.size, stored.nbytes, 16.0,
-                                   relative_error(w, stored.astype(np.float32)), 0.0)
+                rep = TensorReport(name, KEEP, w.size, stored.nbytes, 16.0, relative_error(w, stored), 0.0)
             elif fmt is None:
                 writer.add_plain(name, w)
                 rep = TensorReport(name, "fp32", w.size, w.nbytes, 32.0, 0.0, 0.0)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from lutq.kernels.layout import TILE_M, padded_rows
-from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, to_f16
+from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, is_int, stored_dims, to_f16
 
 LAYOUT_VERSION = 1
 SCALE_GRID = np.linspace(0.35, 1.0, 8, dtype=np.float32)  # candidate scale / plain scale
@@ -109,8 +109,10 @@ def fit_rows(x: np.ndarray, group_size: int, refine: bool, care: np.ndarray | No
     starts = np.flatnonzero(np.diff(gidx, prepend=-1))
     amax = np.maximum.reduceat(np.abs(x).max(-1), starts, axis=1)  # [R, n_groups]
     s0 = to_f16(amax / 3.5).astype(np.float32)
-    s0 = np.where(s0 > 0, s0, 1.0)  # searched with any scale, stored as 0: mid-rise grids have no exact zero
-    zero = amax == 0
+    # All-zero groups, and groups so small (|w| < ~1e-7) that their scale is below fp16's smallest: searched with
+    # any scale, stored as 0 (mid-rise grids have no exact zero, and a made-up scale would decode them as +-0.5).
+    zero = s0 == 0
+    s0 = np.where(zero, 1.0, s0)
 
     def encode(s):
         return assign(x / s[:, gidx, None], care)
@@ -187,9 +189,19 @@ class FineQFormat:
                 "layout": "fineq-clusters", "layout_version": LAYOUT_VERSION}
         return PackedTensor({"codes": pack(clusters), "scales": scales}, meta)
 
+    def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Array name -> (dtype, shape) that a tensor with this metadata stores (ValueError: impossible metadata)."""
+        m, k, g = stored_dims(meta, 8, "fineq-clusters", k_multiple=1)
+        k_pad = meta.get("k_padded")
+        if not is_int(k_pad) or k_pad != -(-k // 3) * 3:
+            raise ValueError(f"k_padded {k_pad!r}, but K = {k} pads to {-(-k // 3) * 3}")
+        return {"codes": (np.dtype(np.uint8), (padded_rows(m) // TILE_M, k_pad // 3, TILE_M)),
+                "scales": (np.dtype(np.float16), (m, k // g))}
+
     def dequantize(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
         clusters = unpack(np.asarray(p.arrays["codes"]), m)  # [M, C]
         gidx = cluster_groups(clusters.shape[1], p.group_size)
-        s = np.asarray(p.arrays["scales"], np.float32)[:, gidx]  # [M, C]
-        return (CLUSTER_VALUES[clusters] * s[..., None]).reshape(m, -1)[:, :k]
+        w = CLUSTER_VALUES[clusters]  # [M, C, 3]
+        w *= np.asarray(p.arrays["scales"], np.float32)[:, gidx, None]  # in place: no temporary the size of W
+        return w.reshape(m, -1)[:, :k]

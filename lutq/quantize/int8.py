@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lutq.quantize.packed import PackedTensor, check_shape, row_chunks, sq_error, to_f16
+from lutq.quantize.packed import PackedTensor, check_shape, row_chunks, sq_error, stored_dims, to_f16
 
 SCALE_GRID = np.linspace(0.8, 1.0, 5)
 
@@ -61,8 +61,14 @@ class Int8Format:
                 "layout": "rowmajor", "layout_version": 1}
         return PackedTensor({"codes": q, "scales": scales}, meta)
 
+    def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Array name -> (dtype, shape) that a tensor with this metadata stores (ValueError: impossible metadata)."""
+        m, k, g = stored_dims(meta, 8, "rowmajor", k_multiple=1)
+        return {"codes": (np.dtype(np.int8), (m, k)), "scales": (np.dtype(np.float16), (m, k // g))}
+
     def dequantize(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
         g = p.group_size
-        q = np.asarray(p.arrays["codes"], np.float32).reshape(m, k // g, g)
-        return (q * np.asarray(p.arrays["scales"], np.float32)[..., None]).reshape(m, k)
+        w = np.array(p.arrays["codes"], np.float32).reshape(m, k // g, g)  # a copy: multiplied in place below
+        w *= np.asarray(p.arrays["scales"], np.float32)[..., None]
+        return w.reshape(m, k)

@@ -26,7 +26,8 @@ import numpy as np
 
 from lutq.kernels.layout import (CODEBOOK_LAYOUT_VERSION, LAYOUT_VERSION, pack_bitserial, pack_codebook, padded_rows,
                                  unpack_bitserial, unpack_codebook)
-from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, importance, to_f16, weighted_error
+from lutq.quantize.packed import (PackedTensor, check_shape, for_row_chunks, importance, stored_dims, to_f16,
+                                  weighted_error)
 
 OFFSET = (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16)) / 2  # QLoRA's 0.9677...
 SCALE_GRID = np.linspace(0.55, 1.0, 16)  # candidate scale / absmax
@@ -143,6 +144,19 @@ class NormalFloatFormat:
         arrays = {"codes": pack_codes(q, self.bits), "scales": scales, "codebook": self.codebook.copy()}
         return PackedTensor(arrays, meta)
 
+    def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Array name -> (dtype, shape) that a tensor with this metadata stores (ValueError: impossible metadata)."""
+        # nf4 directories written before it stored the codebook layout hold bitserial codes (repacked at load)
+        old_nf4 = self.bits == 4 and meta.get("layout") == "bitserial"
+        scheme = "bitserial" if old_nf4 else layout_of(self.bits)
+        m, k, g = stored_dims(meta, self.bits, scheme)
+        if scheme == "codebook":
+            codes = (padded_rows(m) // 32, k // 4, 2, 32)
+        else:
+            codes = (padded_rows(m) // 32, k // 8, self.bits, 32)
+        return {"codes": (np.dtype(np.uint8), codes), "scales": (np.dtype(np.float16), (m, k // g)),
+                "codebook": (np.dtype(np.float32), (1 << self.bits,))}
+
     def codes(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
         if p.meta.get("layout") == "codebook":
@@ -152,5 +166,6 @@ class NormalFloatFormat:
     def dequantize(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
         g = p.group_size
-        levels = np.asarray(p.arrays["codebook"], np.float32)[self.codes(p)].reshape(m, k // g, g)
-        return (levels * np.asarray(p.arrays["scales"], np.float32)[..., None]).reshape(m, k)
+        w = np.asarray(p.arrays["codebook"], np.float32)[self.codes(p)].reshape(m, k // g, g)
+        w *= np.asarray(p.arrays["scales"], np.float32)[..., None]  # in place: no temporary the size of W
+        return w.reshape(m, k)

@@ -98,6 +98,31 @@ def check_shape(w: np.ndarray, group_size: int, k_multiple: int = 8) -> tuple[in
     return m, k
 
 
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def stored_dims(meta: dict, bits: int, layout: str, k_multiple: int = 8) -> tuple[int, int, int]:
+    """(M, K, G) from a stored tensor's metadata, checked against what its format writes (ValueError if not).
+
+    The formats' `stored_arrays(meta)` build on it: the loader compares every stored array with what the metadata
+    implies before any kernel indexes into one.
+    """
+    shape, g = meta.get("shape"), meta.get("group_size")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(v) and v > 0 for v in shape)):
+        raise ValueError(f"bad shape {shape!r}")
+    m, k = shape
+    if not is_int(g) or g not in (32, 64, 128):
+        raise ValueError(f"group size {g!r} is not 32, 64 or 128")
+    if k % g or k % k_multiple:
+        raise ValueError(f"K = {k} is not a multiple of the group size {g} (and of {k_multiple})")
+    if not is_int(meta.get("bits")) or meta["bits"] != bits:
+        raise ValueError(f"bits {meta.get('bits')!r}, but {meta.get('format')} stores {bits}-bit codes")
+    if meta.get("layout") != layout:
+        raise ValueError(f"layout {meta.get('layout')!r}, but {meta.get('format')} stores its codes {layout!r}")
+    return m, k, g
+
+
 def to_f16(x: np.ndarray) -> np.ndarray:
     """Round to fp16 (what is stored) and back to float64 (what the search keeps computing with)."""
     return x.astype(np.float16).astype(np.float64)
@@ -127,7 +152,16 @@ def sq_error(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
-    """||W - W_hat|| / ||W|| (Frobenius), the error quant_report.json and the planner use."""
-    num = float(np.linalg.norm((w.astype(np.float64) - w_hat).ravel()))
-    den = float(np.linalg.norm(w.astype(np.float64).ravel()))
+    """||W - W_hat|| / ||W|| (Frobenius), the error quant_report.json and the planner use.
+
+    Summed in float64 over chunks of rows: a float64 copy of a whole lm_head would double quantize's peak memory.
+    """
+    a, b = (x.reshape(1, -1) if x.ndim != 2 else x for x in (w, w_hat))
+    num = den = 0.0
+    for rows in row_chunks(*a.shape):
+        x = a[rows].astype(np.float64)
+        d = x - b[rows]
+        num += float(np.einsum("ij,ij->", d, d))
+        den += float(np.einsum("ij,ij->", x, x))
+    num, den = float(np.sqrt(num)), float(np.sqrt(den))
     return num / den if den else (0.0 if num == 0 else float("inf"))

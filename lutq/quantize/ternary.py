@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from lutq.kernels.layout import LAYOUT_VERSION, pack_bitserial, padded_rows, unpack_bitserial
-from lutq.quantize.packed import PackedTensor, check_shape, row_chunks, to_f16
+from lutq.quantize.packed import CHUNK_ELEMENTS, PackedTensor, check_shape, row_chunks, stored_dims, to_f16
 
 
 def optimal_scale(a: np.ndarray) -> np.ndarray:
@@ -33,7 +33,31 @@ def plain_scale(a: np.ndarray) -> np.ndarray:
     """BitNet's absmean, except that an already-ternary row ({0, ±a} only) gets a itself, so it stays exact."""
     amax = a.max(axis=1)
     ternary = np.all((a == 0) | (a == amax[:, None]), axis=1)
-    return np.where(ternary, amax, a.mean(axis=1))
+    return np.where(ternary, amax, a.mean(axis=1, dtype=np.float64))
+
+
+def whole_tensor_scale(w: np.ndarray, refine: bool) -> float:
+    """The one scale of a whole tensor: optimal_scale (or plain_scale) of all its weights as one row.
+
+    Memory: a float32 copy of |W| sorted in place, then the prefix sums in float64 a chunk at a time (carried over,
+    so they are the same sequential sums as over the whole array); float64 copies of the whole tensor, as
+    optimal_scale makes, would take ~15 times its size (3.7 GiB for TinyLlama's lm_head).
+    """
+    a = np.abs(w, dtype=np.float32).reshape(-1)
+    if not refine:
+        return float(plain_scale(a.reshape(1, -1))[0])
+    a.sort()
+    desc = a[::-1]
+    best_val, best, carry = -1.0, 0.0, 0.0
+    for start in range(0, len(desc), CHUNK_ELEMENTS):
+        prefix = np.cumsum(np.concatenate(([carry], desc[start : start + CHUNK_ELEMENTS])))[1:]
+        k = np.arange(start + 1, start + len(prefix) + 1, dtype=np.float64)
+        val = prefix * prefix / k  # max P_k^2/k = min error
+        i = int(np.argmax(val))
+        if val[i] > best_val:
+            best_val, best = float(val[i]), float(prefix[i] / k[i])
+        carry = float(prefix[-1])
+    return best
 
 
 def to_ternary(x: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -75,16 +99,23 @@ class TernaryFormat:
                 scales[rows] = s.reshape(-1, ng)
             tensor_scale = np.ones(1, np.float32)
         else:
-            x = w.astype(np.float64)
             # float32 is what is stored, so the codes are assigned against the fp32 value of the scale.
-            s = float(np.float32(choose(np.abs(x).reshape(1, -1))[0]))
-            q[:] = to_ternary(x, np.full(m, s)) + 1
+            s = float(np.float32(whole_tensor_scale(w, refine)))
+            for rows in row_chunks(m, k):
+                q[rows] = to_ternary(w[rows].astype(np.float64), np.full(rows.stop - rows.start, s)) + 1
             scales = np.full((m, ng), s, np.float16)
             tensor_scale = np.array([s], np.float32)
         meta = {"format": self.name, "bits": 2, "group_size": group_size, "shape": [m, k],
                 "layout": "bitserial", "layout_version": LAYOUT_VERSION}
         arrays = {"codes": pack_codes(q), "scales": scales, "biases": -scales, "tensor_scale": tensor_scale}
         return PackedTensor(arrays, meta)
+
+    def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Array name -> (dtype, shape) that a tensor with this metadata stores (ValueError: impossible metadata)."""
+        m, k, g = stored_dims(meta, 2, "bitserial")
+        return {"codes": (np.dtype(np.uint8), (padded_rows(m) // 32, k // 8, 2, 32)),
+                "scales": (np.dtype(np.float16), (m, k // g)), "biases": (np.dtype(np.float16), (m, k // g)),
+                "tensor_scale": (np.dtype(np.float32), (1,))}
 
     def codes(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
@@ -93,8 +124,11 @@ class TernaryFormat:
     def dequantize(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
         g = p.group_size
-        t = self.codes(p).astype(np.float32) - 1
+        t = self.codes(p).astype(np.float32)
+        t -= 1  # in place, here and below: no temporaries the size of W
         if not self.per_group:
-            return t * np.float32(np.asarray(p.arrays["tensor_scale"])[0])
-        s = np.asarray(p.arrays["scales"], np.float32)[..., None]
-        return (t.reshape(m, k // g, g) * s).reshape(m, k)
+            t *= np.float32(np.asarray(p.arrays["tensor_scale"])[0])
+            return t
+        t = t.reshape(m, k // g, g)
+        t *= np.asarray(p.arrays["scales"], np.float32)[..., None]
+        return t.reshape(m, k)

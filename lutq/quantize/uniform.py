@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from lutq.kernels.layout import LAYOUT_VERSION, pack_bitserial, padded_rows, unpack_bitserial
-from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, sq_error, to_f16
+from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, sq_error, stored_dims, to_f16
 
 # Step = (max - min) / nmax / f for f on this grid: f > 1 clips the tails to resolve the bulk more finely.
 STEP_GRID = np.linspace(0.85, 1.6, 16)
@@ -106,6 +106,18 @@ def expand_params(scale_codes: np.ndarray, zero_codes: np.ndarray, scale_step: f
     return scales, (-scales * zeros).astype(np.float16).astype(np.float32)
 
 
+def scale_for_zero_point(d: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
+    """A constant group (d = 0) keeps its value through the zero point only with a scale: c = d * nmax at code nmax
+    (c > 0), or c = -d * nmax as the bias (c < 0)."""
+    return np.where(d > 0, d, to_f16(np.abs(b) / ((1 << bits) - 1)))
+
+
+def expand_levels(sq, zq, codes, step: float, bits: int) -> np.ndarray:
+    """Groups' values f64[N, G] from their parameter codes and codes (what dequantize gives)."""
+    s, b = (a.astype(np.float64) for a in expand_params(sq, zq, step, bits))
+    return s[:, None] * codes + b[:, None]
+
+
 def requantize_params(x: np.ndarray, d: np.ndarray, m: np.ndarray, step: float, bits: int):
     """Fitted (d, m) of groups x f64[N, G] -> (scale codes, zero codes, codes) on the double-quantized grid.
 
@@ -166,13 +178,14 @@ class UniformFormat:
         scales = np.empty((m, ng), np.float16)
         biases = np.empty((m, ng), np.float16)
 
+        plain_peak = np.zeros(m)  # k variants: each row's largest min/max scale (the second pass's other candidate)
+
         def fit(rows: slice) -> None:
             x = w[rows].astype(np.float64).reshape(-1, group_size)
             d, b, codes = fit_groups(x, self.bits, refine)
             if self.quantized_params:
-                # A constant group (d = 0) keeps its value through the zero point only with a scale: c = d * nmax
-                # at code nmax (c > 0), or c = -d * nmax as the bias (c < 0).
-                d = np.where(d > 0, d, to_f16(np.abs(b) / ((1 << self.bits) - 1)))
+                d = scale_for_zero_point(d, b, self.bits)
+                plain_peak[rows] = ((x.max(axis=1) - x.min(axis=1)) / ((1 << self.bits) - 1)).reshape(-1, ng).max(1)
             q[rows] = codes.reshape(-1, k)
             scales[rows] = d.reshape(-1, ng)
             biases[rows] = b.reshape(-1, ng)
@@ -183,8 +196,11 @@ class UniformFormat:
         if not self.quantized_params:
             return PackedTensor({"codes": pack_codes(q, self.bits), "scales": scales, "biases": biases}, meta)
 
-        # Second pass: the scale grid spans the whole tensor, so it is known only once every group is fitted.
-        step = float(np.float32(scales.astype(np.float64).max() / 255)) if scales.size else 0.0
+        # Second pass: the scale grid spans the whole tensor, so it is known only once every group is fitted. With
+        # the search on, each group again keeps whichever of its searched and plain parameters has the smaller error,
+        # now on that grid, so the search never loses to min/max rounding here either.
+        peak = max(float(scales.astype(np.float64).max(initial=0)), float(plain_peak.max(initial=0)) if refine else 0)
+        step = float(np.float32(peak / 255))
         scale_codes = np.empty((m, ng), np.uint8)
         zero_codes = np.empty((m, ng), np.uint8)
 
@@ -192,6 +208,13 @@ class UniformFormat:
             x = w[rows].astype(np.float64).reshape(-1, group_size)
             d, b = scales[rows].astype(np.float64).ravel(), biases[rows].astype(np.float64).ravel()
             sq, zq, codes = requantize_params(x, d, b, step, self.bits)
+            if refine:
+                d0, b0, _ = fit_groups(x, self.bits, False)
+                sq0, zq0, codes0 = requantize_params(x, scale_for_zero_point(d0, b0, self.bits), b0, step, self.bits)
+                err = sq_error(x, expand_levels(sq, zq, codes, step, self.bits))
+                plain = sq_error(x, expand_levels(sq0, zq0, codes0, step, self.bits)) < err
+                sq, zq = np.where(plain, sq0, sq), np.where(plain, zq0, zq)
+                codes = np.where(plain[:, None], codes0, codes)
             q[rows] = codes.reshape(-1, k)
             scale_codes[rows], zero_codes[rows] = sq.reshape(-1, ng), zq.reshape(-1, ng)
 
@@ -204,6 +227,17 @@ class UniformFormat:
     def params(self, p: PackedTensor) -> tuple[np.ndarray, np.ndarray]:
         return group_params(p)
 
+    def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Array name -> (dtype, shape) that a tensor with this metadata stores (ValueError: impossible metadata)."""
+        m, k, g = stored_dims(meta, self.bits, "bitserial")
+        codes = {"codes": (np.dtype(np.uint8), (padded_rows(m) // 32, k // 8, self.bits, 32))}
+        if self.quantized_params:
+            if meta.get("param_bits") != 8:
+                raise ValueError(f"param_bits {meta.get('param_bits')!r}, but {self.name} stores 8-bit parameter codes")
+            return {**codes, "scale_codes": (np.dtype(np.uint8), (m, k // g)),
+                    "zero_codes": (np.dtype(np.uint8), (m, k // g)), "scale_step": (np.dtype(np.float32), (1,))}
+        return {**codes, "scales": (np.dtype(np.float16), (m, k // g)), "biases": (np.dtype(np.float16), (m, k // g))}
+
     def codes(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
         return unpack_bitserial(np.asarray(p.arrays["codes"]), p.bits, m, k)
@@ -211,6 +245,8 @@ class UniformFormat:
     def dequantize(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
         g = p.group_size
-        q = self.codes(p).reshape(m, k // g, g).astype(np.float32)
+        w = self.codes(p).reshape(m, k // g, g).astype(np.float32)
         s, b = self.params(p)
-        return (q * s[..., None] + b[..., None]).reshape(m, k)
+        w *= s[..., None]  # in place: no temporaries the size of W
+        w += b[..., None]
+        return w.reshape(m, k)
