@@ -15,7 +15,6 @@ Which kernel runs which format:
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from lutq.kernels import codebook as cb_kernels
@@ -65,6 +64,7 @@ class QuantLinear:
         self.bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
         self.pool = pool
         self.bound: dict[tuple, object] = {}  # decode kernel calls bound to their table buffers (run)
+        self.decode_tables = None
         self.post_scale = None  # per-tensor ternary: the exact fp32 scale, applied after the kernel
         a = p.arrays
         self.codes = np.ascontiguousarray(a["codes"])
@@ -111,7 +111,7 @@ class QuantLinear:
         per buffer and thread count, then made directly: per call that saves the checks and numba's argument typing,
         ~10 us, which over a 30-layer model's 120 calls is a fifth of a SmolLM2 token."""
         if out.shape[0] == 1:
-            key = (id(tables), numba.get_num_threads())
+            key = (id(tables), lut.current_threads())
             call = self.bound.get(key)
             if call is None:
                 self.bound[key] = self.kernel(tables, out, bind=True)
@@ -127,7 +127,12 @@ class QuantLinear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x: f32[N, K] -> f32[N, out_features]."""
         x = np.ascontiguousarray(x, np.float32)
-        tables = self.pool.get(self.table_key, x.shape[0])
+        if x.shape[0] == 1:  # decode: the pool's one-token tables, looked up once (the key hashes a codebook)
+            tables = self.decode_tables
+            if tables is None:
+                tables = self.decode_tables = self.pool.get(self.table_key, 1)
+        else:
+            tables = self.pool.get(self.table_key, x.shape[0])
         tables.build(x)
         out = np.empty((x.shape[0], self.out_features), np.float32)
         self.run(tables, out)
@@ -148,7 +153,7 @@ class QuantLinear:
         Copies the parts' codes once at load; per token it saves a kernel call and a concatenation per part."""
         merged = object.__new__(cls)
         merged.__dict__.update(parts[0].__dict__)
-        merged.bound = {}
+        merged.bound, merged.decode_tables = {}, None
         merged.codes = np.concatenate([p.codes for p in parts], axis=0)
         merged.params = np.concatenate([p.params for p in parts], axis=0)
         merged.out_features = sum(p.out_features for p in parts)
