@@ -14,9 +14,11 @@ from lutq.kernels.layout import (pack_bitserial, pack_codebook, pack_codebook_pa
                                  pack_group_scales, unpack_bitserial, unpack_codebook, unpack_codebook_pairs,
                                  unpack_crumbs)
 
-HOST = simd.detect_isa(simd.target_features())
-SIMD_ISAS = [name for name in ("avx2", "avx512") if simd.ISA_ORDER.index(name) <= simd.ISA_ORDER.index(HOST)]
-needs_simd = pytest.mark.skipif(not SIMD_ISAS, reason="no AVX2 on this CPU")
+HOST = simd.detect_isa(simd.target_features(), simd.ARCH)
+# Every SIMD ISA this CPU has (x86: avx2, avx512; aarch64: neon), not only the widest the dispatcher picks.
+SIMD_ISAS = [name for name in simd.ISA_ORDER[1:] if simd.ISA_ORDER.index(name) <= simd.ISA_ORDER.index(HOST)]
+needs_simd = pytest.mark.skipif(not SIMD_ISAS, reason="no AVX2 or NEON on this CPU")
+DOT = simd.has_dot(simd.target_features(), HOST)  # the dot-product instruction (VNNI, dotprod) for every SIMD ISA
 
 INT8_TOL = 0.02  # max |y - y_ref| / max |y_ref| with int8 tables
 EXACT_TOL = 1e-5
@@ -67,6 +69,87 @@ def test_intrinsics_match_numpy(isa):
     np.testing.assert_array_equal(out, np.clip(pairs, -32768, 32767))
 
 
+@needs_simd
+@pytest.mark.parametrize("isa", SIMD_ISAS)
+def test_weigh_pairs_matches_numpy(isa):
+    """weigh_pairs(v, a, b): int16 a v[2i] + b v[2i+1]; NEON has its own sequences for the kernels' (1, 2), (1, 0),
+    (0, 1) and a multiply for any other pair."""
+    from numba import njit
+
+    from lutq.kernels.simd import Isa, i16_to_f32, load_i8x64, store_f32x32, weigh_pairs
+
+    @njit
+    def weigh(w, v, out):
+        x = load_i8x64(v, 0)
+        store_f32x32(out, 0, i16_to_f32(weigh_pairs(w, x, 1, 2)))
+        store_f32x32(out, 32, i16_to_f32(weigh_pairs(w, x, 1, 0)))
+        store_f32x32(out, 64, i16_to_f32(weigh_pairs(w, x, 0, 1)))
+        store_f32x32(out, 96, i16_to_f32(weigh_pairs(w, x, 200, 55)))
+
+    v = np.random.default_rng(4).integers(-128, 128, 64).astype(np.int8)
+    v[:4] = [-128, -128, 127, 127]
+    out = np.zeros(128, np.float32)
+    weigh(Isa(isa), v, out)
+    pairs = v.astype(np.int32).reshape(32, 2)
+    for i, (a, b) in enumerate([(1, 2), (1, 0), (0, 1), (200, 55)]):
+        np.testing.assert_array_equal(out[32 * i:32 * (i + 1)], a * pairs[:, 0] + b * pairs[:, 1], err_msg=f"{a, b}")
+
+
+@needs_simd
+@pytest.mark.parametrize("isa", SIMD_ISAS)
+def test_byte_tables_are_pshufb_and_vpermb(isa):
+    """shuffle_bytes keeps pshufb's rule for any index byte (high bit: 0, else the low nibble), also where the
+    instruction is NEON's tbl (which zeroes every index >= 16); lookup64 reads T[idx & 63] (vpermb, tbl4, 4 pshufb)."""
+    from numba import njit
+
+    from lutq.kernels.simd import (Isa, half, i16_to_f32, load_i8x32, load_i8x64, lookup64, shuffle_bytes,
+                                   store_f32x32, widen_i8_i16)
+
+    @njit
+    def lookups(w, tables, idx, out):  # out f32[4, 32]: bytes exactly, through int16 and f32
+        looked = shuffle_bytes(w, load_i8x64(tables, 0), load_i8x64(idx, 0))
+        store_f32x32(out, 0, i16_to_f32(widen_i8_i16(half(looked, 0))))
+        store_f32x32(out, 32, i16_to_f32(widen_i8_i16(half(looked, 1))))
+        store_f32x32(out, 64, i16_to_f32(widen_i8_i16(lookup64(w, tables, 0, load_i8x32(idx, 0)))))
+        small = shuffle_bytes(w, half(load_i8x64(tables, 0), 1), load_i8x32(idx, 32))
+        store_f32x32(out, 96, i16_to_f32(widen_i8_i16(small)))
+
+    rng = np.random.default_rng(2)
+    tables = rng.integers(-128, 128, 64).astype(np.int8)
+    idx = rng.integers(0, 256, 64).astype(np.uint8)
+    idx[:8] = [0, 15, 16, 127, 128, 143, 200, 255]  # the bytes where pshufb and tbl differ
+    for vbmi in sorted({False, "avx512vbmi" in simd.target_features()}):  # vpermb only where the CPU has it
+        out = np.zeros(128, np.float32)
+        lookups(Isa(isa, vbmi=vbmi), tables, idx, out)
+        out = out.reshape(2, 64)
+        lane = np.arange(64) // 16
+        np.testing.assert_array_equal(out[0], np.where(idx >= 128, 0, tables[16 * lane + (idx & 15)]))
+        np.testing.assert_array_equal(out[1, :32], tables[idx[:32] & 63])
+        np.testing.assert_array_equal(out[1, 32:], np.where(idx[32:] >= 128, 0,
+                                                                 tables[32 + 16 * lane[:32] + (idx[32:] & 15)]))
+
+
+@pytest.mark.skipif(not (SIMD_ISAS and DOT), reason="no VNNI or dotprod on this CPU")
+@pytest.mark.parametrize("isa", SIMD_ISAS)
+def test_dot_product_matches_numpy(isa):
+    """dpbusd: int32 lanes += 4 byte products; unsigned bytes below 128 (sdot on NEON reads them as signed)."""
+    from numba import njit
+
+    from lutq.kernels.simd import Isa, dpbusd, i32_pair_to_f32, load_i8x64, splat_i32x16, store_f32x32
+
+    @njit
+    def dot(w, u, s, out):
+        acc = dpbusd(w, splat_i32x16(1000), load_i8x64(u, 0), load_i8x64(s, 0))
+        store_f32x32(out, 0, i32_pair_to_f32(acc, splat_i32x16(0)))
+
+    rng = np.random.default_rng(3)
+    u = rng.integers(0, 128, 64).astype(np.uint8)
+    s = rng.integers(-128, 128, 64).astype(np.int8)
+    out = np.zeros(32, np.float32)
+    dot(Isa(isa, dot=True), u, s, out)
+    np.testing.assert_array_equal(out[:16], 1000 + (u.astype(np.int32) * s).reshape(16, 4).sum(axis=1))
+
+
 def test_isa_override_never_raises_above_the_host(monkeypatch):
     monkeypatch.setenv("LUTQ_ISA", "portable")
     assert simd.host_isa() == "portable"
@@ -83,6 +166,11 @@ def test_detect_isa_needs_every_feature():
     assert simd.detect_isa({"avx2", "fma", "f16c"}) == "avx2"
     assert simd.detect_isa({"avx2", "fma"}) == "portable"
     assert simd.detect_isa({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}) == "avx512"
+    assert simd.detect_isa({"neon"}, "aarch64") == "neon" and simd.detect_isa(set(), "aarch64") == "portable"
+    assert simd.detect_isa({"avx2", "fma", "f16c"}, "aarch64") == "portable"
+    assert simd.has_dot({"neon", "dotprod"}, "neon") and not simd.has_dot({"neon"}, "neon")
+    assert simd.target_arch("aarch64-unknown-linux-gnu") == simd.target_arch("arm64-apple-darwin") == "aarch64"
+    assert simd.target_arch("x86_64-unknown-linux-gnu") == "x86_64"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,7 +275,7 @@ def test_crumbs_round_trip():
     np.testing.assert_array_equal(unpack_crumbs(pack_crumbs(q), 45, 48), q)
 
 
-@pytest.mark.skipif(not vnni.available(), reason="no VNNI on this CPU")
+@pytest.mark.skipif(not vnni.available(), reason="no VNNI or dotprod on this CPU")
 @pytest.mark.parametrize("m,k,group", SHAPES)
 def test_vnni_gemv(m, k, group):
     rng = np.random.default_rng(m + k)
@@ -203,7 +291,8 @@ def test_vnni_gemv(m, k, group):
         assert rel_err(out, ref) <= INT8_TOL
     for isa in SIMD_ISAS:
         out = np.full((2, m), np.nan, np.float32)
-        vnni._vnni_tiles(simd.Isa(isa, True), packed, params, acts.xq, acts.xscales, acts.sums, 0, packed.shape[0], out)
+        vnni._vnni_tiles(simd.Isa(isa, dot=True), packed, params, acts.xq, acts.xscales, acts.sums, 0, packed.shape[0],
+                         out)
         assert rel_err(out, ref) <= INT8_TOL, isa
 
 

@@ -5,5 +5,5 @@ Entry points (plain arrays in, preallocated outputs written; docs/KERNELS.md has
     codebook.gemv_nf_bitserial (with lut.Tables)    nf2, nf3                        (layout.pack_bitserial)
     codebook.CodebookTables / codebook.gemv_nf4     nf4                             (layout.pack_codebook)
     fineq.ClusterTables / fineq.gemv_fineq          fineq                           (quantize/fineq.py's pack)
-    vnni.Int8Activations / vnni.gemv_crumbs         int2/ternary on VNNI            (layout.pack_crumbs)
+    vnni.Int8Activations / vnni.gemv_crumbs         int2/ternary on VNNI, dotprod   (layout.pack_crumbs)
 """

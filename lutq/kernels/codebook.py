@@ -44,15 +44,14 @@ from lutq.kernels.simd import (
     load_i8x32,
     load_i8x64,
     low_nibbles,
-    maddubs,
     odd_to_even,
-    pair_weights,
     prefetch,
     shuffle_bytes,
     splat_f32,
     splat_i16x32,
     vadd,
     vand,
+    weigh_pairs,
     widen_i8_i16,
     zeros_f32x32,
 )
@@ -83,14 +82,16 @@ def _subset_coefficients(codebook: bytes) -> tuple[np.ndarray, float]:
 #   w01 = w & odd_to_even(w):  r0(b0&b1) 0 r1(b0&b1) 0 ...
 #   nf3: d2 = the lone plane 2 with every byte doubled:  r0b2 r0b2 r1b2 r1b2 ...
 #        w & d2 = r0(b0&b2) r0(b1&b2) ...,   w01 & d2 = r0(b0&b1&b2) 0 ...
-#   pmaddubsw with (1, 0) or (0, 1) keeps the even or odd lookup of each row: one int16 per row and subset.
+#   pmaddubsw with (1, 0) or (0, 1) keeps the even or odd lookup of each row: one int16 per row and subset
+#   (weigh_pairs; NEON: the 16-bit lanes shifted, sign-extending the even or odd byte).
 
 
 @njit(cache=True, inline="always")
-def _subset_lookup(isa, lo_table, hi_table, v, weights):
-    """int16 per row: the table sums of plane-chunk v (low nibbles in lo_table, high in hi_table), even or odd bytes."""
-    lo = maddubs(isa, weights, shuffle_bytes(isa, lo_table, low_nibbles(v)))
-    return vadd(lo, maddubs(isa, weights, shuffle_bytes(isa, hi_table, high_nibbles(v))))
+def _subset_lookup(isa, lo_table, hi_table, v, even, odd):
+    """int16 per row: the table sums of plane-chunk v (low nibbles in lo_table, high in hi_table), of its even bytes
+    (even, odd = 1, 0) or its odd bytes (0, 1)."""
+    lo = weigh_pairs(isa, shuffle_bytes(isa, lo_table, low_nibbles(v)), even, odd)
+    return vadd(lo, weigh_pairs(isa, shuffle_bytes(isa, hi_table, high_nibbles(v)), even, odd))
 
 
 @njit(cache=True, inline="always")
@@ -100,7 +101,6 @@ def _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t, 
     n_groups = tscales.shape[1]
     pairs_per_group = n_pairs // n_groups
     block = bits * 32
-    even, odd = pair_weights(1, 0), pair_weights(0, 1)
     a0 = a1 = a01 = a2 = a02 = a12 = a012 = splat_i16x32(0)
     for p in range(g * pairs_per_group, (g + 1) * pairs_per_group):
         off = (t * n_pairs + p) * block
@@ -109,17 +109,17 @@ def _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t, 
         lo_t, hi_t = broadcast16_x64(tables, toff), broadcast16_x64(tables, toff + 16)
         w = load_i8x64(packed, off)
         w01 = vand(w, odd_to_even(w))
-        a0 = vadd(a0, _subset_lookup(isa, lo_t, hi_t, w, even))
-        a1 = vadd(a1, _subset_lookup(isa, lo_t, hi_t, w, odd))
-        a01 = vadd(a01, _subset_lookup(isa, lo_t, hi_t, w01, even))
+        a0 = vadd(a0, _subset_lookup(isa, lo_t, hi_t, w, 1, 0))
+        a1 = vadd(a1, _subset_lookup(isa, lo_t, hi_t, w, 0, 1))
+        a01 = vadd(a01, _subset_lookup(isa, lo_t, hi_t, w01, 1, 0))
         if bits == 3:
             prefetch(packed, off + PREFETCH_BYTES + 64)
             d2 = duplicate_bytes(load_i8x32(packed, off + 64))
             w2 = vand(w, d2)
-            a2 = vadd(a2, _subset_lookup(isa, lo_t, hi_t, d2, even))
-            a02 = vadd(a02, _subset_lookup(isa, lo_t, hi_t, w2, even))
-            a12 = vadd(a12, _subset_lookup(isa, lo_t, hi_t, w2, odd))
-            a012 = vadd(a012, _subset_lookup(isa, lo_t, hi_t, vand(w01, d2), even))
+            a2 = vadd(a2, _subset_lookup(isa, lo_t, hi_t, d2, 1, 0))
+            a02 = vadd(a02, _subset_lookup(isa, lo_t, hi_t, w2, 1, 0))
+            a12 = vadd(a12, _subset_lookup(isa, lo_t, hi_t, w2, 0, 1))
+            a012 = vadd(a012, _subset_lookup(isa, lo_t, hi_t, vand(w01, d2), 1, 0))
     lookups = fma_f32(i16_to_f32(a0), splat_f32(coefs[0]), zeros_f32x32())
     lookups = fma_f32(i16_to_f32(a1), splat_f32(coefs[1]), lookups)
     lookups = fma_f32(i16_to_f32(a01), splat_f32(coefs[2]), lookups)

@@ -11,8 +11,8 @@ in units of the group scale, splits into a part of the low nibble and a part of 
              Aj[lo] = ((lo & 7) - 3.5) x_a + ((lo >> 3) - 0.5) x_b,   B[j << 2 | h2] = (2 h2 - 3) x_b
 
 so per cluster five 16-entry tables (A0..A3, B) replace the 256-entry one: B by one pshufb on the high nibbles, A as
-one 64-entry table indexed by mode << 4 | lo (one vpermb with AVX512-VBMI; else four pshufb, each byte keeping the
-one of its own mode). The grid offsets
+one 64-entry table indexed by mode << 4 | lo (one vpermb with AVX512-VBMI; NEON: tbl with a four-register table;
+else four pshufb, each byte keeping the one of its own mode). The grid offsets
 are split so every table is centred on zero (the int8 step follows the largest entry: centring makes it ~3x finer
 than keeping the offsets in one table), and no activation sums are needed.
 

@@ -11,11 +11,12 @@ q = sum_b 2^b bit_b and W = s q + z per quantization group of G columns:
 
 Tables are quantized to int8 with one scale per quantization group (the span of one int16 accumulation), so the
 inner loop is integer: per 64 packed bytes, two pshufb (32 rows x 2 planes, low and high nibble groups) and two
-pmaddubsw against (1, 2) that weight the plane pair and widen to int16, 32 rows in row order. Every G columns the
-int16 sums go to f32, scaled by the table scale and the rows' fp16 scales and biases.
+pmaddubsw against (1, 2) that weight the plane pair and widen to int16, 32 rows in row order (NEON: eight tbl, and
+per 16 bytes a sadalp + ssra). Every G columns the int16 sums go to f32, scaled by the table scale and the rows'
+fp16 scales and biases.
 
-Two kernels read the same layout: the SIMD one (int8 tables, the Isa witness picks AVX-512 or AVX2 code), and a
-plain numba one used with fp32 tables as the exact mode (tests, 1e-5) and with int8 tables on CPUs without AVX2.
+Two kernels read the same layout: the SIMD one (int8 tables, the Isa witness picks AVX-512, AVX2 or NEON code), and
+a plain numba one used with fp32 tables as the exact mode (tests, 1e-5) and with int8 tables on CPUs without SIMD.
 """
 
 from __future__ import annotations
@@ -42,14 +43,13 @@ from lutq.kernels.simd import (
     load_i8x32,
     load_i8x64,
     low_nibbles,
-    maddubs,
-    pair_weights,
     prefetch,
     shuffle_bytes,
     splat_f32,
     splat_i16x32,
     store_f32x32,
     vadd,
+    weigh_pairs,
     widen_i8_i16,
     zeros_f32x32,
 )
@@ -131,14 +131,18 @@ def build_tables_f32(x, group, tables, tscales, sums):
 #   pshufb(T[2p+1] ..., high nibbles) . (1,2)         -> the same for the high group; both added to acc0
 #   the lone plane: two 32-byte pshufb, widened to int16 (vpmovsxbw), into acc1
 #   every G columns: rows_f32 += s * (tscale/2 * (acc0 + 4 acc1 + 16 acc2) + (2^B-1)/2 * S) + z * S
+#
+#   NEON, per 16 of the 64 bytes (8 rows x 2 planes):  tbl(T, nibbles) -> L = [r b0, r b1, ...]
+#       acc += pairwise(L)             sadalp: r b0 + r b1, widened into the int16 row
+#       acc += L as int16 >> 8         ssra:   + r b1 again (the odd byte, sign-extended)
 
 
 @njit(cache=True, inline="always")
-def _plane_pair(isa, packed, off, lo_table, hi_table, weights12, acc):
+def _plane_pair(isa, packed, off, lo_table, hi_table, acc):
     """acc + one 64-byte plane pair of 32 rows: T[lo nibble, b] + 2 T[lo, b+1] + the same for the high nibbles."""
     w = load_i8x64(packed, off)
-    acc = vadd(acc, maddubs(isa, weights12, shuffle_bytes(isa, lo_table, low_nibbles(w))))
-    return vadd(acc, maddubs(isa, weights12, shuffle_bytes(isa, hi_table, high_nibbles(w))))
+    acc = vadd(acc, weigh_pairs(isa, shuffle_bytes(isa, lo_table, low_nibbles(w)), 1, 2))
+    return vadd(acc, weigh_pairs(isa, shuffle_bytes(isa, hi_table, high_nibbles(w)), 1, 2))
 
 
 @njit(cache=True, inline="always")
@@ -157,7 +161,6 @@ def _simd_group(isa, packed, params, tables, tscales, sums, bits, t, n, g, y):
     n_groups = tscales.shape[1]
     pairs_per_group = n_pairs // n_groups
     block = bits * 32
-    weights12 = pair_weights(1, 2)
     acc0 = splat_i16x32(0)  # planes 0-1; then 2-3 (or the lone plane 2); then 4-5 (or 4): int16 sums of each
     acc1 = splat_i16x32(0)
     acc2 = splat_i16x32(0)
@@ -167,16 +170,16 @@ def _simd_group(isa, packed, params, tables, tscales, sums, bits, t, n, g, y):
         toff = (n * n_pairs + p) * 32
         lo_table = broadcast16_x64(tables, toff)
         hi_table = broadcast16_x64(tables, toff + 16)
-        acc0 = _plane_pair(isa, packed, off, lo_table, hi_table, weights12, acc0)
+        acc0 = _plane_pair(isa, packed, off, lo_table, hi_table, acc0)
         if bits >= 4:
             prefetch(packed, off + PREFETCH_BYTES + 64)
-            acc1 = _plane_pair(isa, packed, off + 64, lo_table, hi_table, weights12, acc1)
+            acc1 = _plane_pair(isa, packed, off + 64, lo_table, hi_table, acc1)
         elif bits == 3:
             prefetch(packed, off + PREFETCH_BYTES + 64)
             acc1 = _lone_plane(isa, packed, off + 64, tables, toff, acc1)
         if bits >= 6:  # int6 (lm_head's default): a third plane pair, weight 16
             prefetch(packed, off + PREFETCH_BYTES + 128)
-            acc2 = _plane_pair(isa, packed, off + 128, lo_table, hi_table, weights12, acc2)
+            acc2 = _plane_pair(isa, packed, off + 128, lo_table, hi_table, acc2)
         elif bits == 5:
             prefetch(packed, off + PREFETCH_BYTES + 128)
             acc2 = _lone_plane(isa, packed, off + 128, tables, toff, acc2)

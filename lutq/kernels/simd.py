@@ -3,16 +3,16 @@
 The LUT kernels need instructions LLVM never derives from plain loops: a byte shuffle doing 32/64 table lookups at
 once (pshufb), multiply-add of unsigned by signed bytes into int16 (pmaddubsw), the VNNI byte dot product
 (vpdpbusd) and VBMI's 64-entry byte table (vpermb). Numba reaches them through vector-valued numba types whose LLVM
-type is `<N x iB>` and `numba.extending.intrinsic`s whose code generation calls the `llvm.x86.*` intrinsics.
+type is `<N x iB>` and `numba.extending.intrinsic`s whose code generation calls the `llvm.x86.*` intrinsics, or on
+aarch64 the `llvm.aarch64.neon.*` ones (tbl1/tbl4 for the shuffles, sdot for the dot product).
 
 Kernels are written once, for 64-byte logical vectors, and take an `Isa` witness as their first argument. The
 intrinsics read the witness's numba type at compile time and emit the instruction of that ISA: AVX-512BW does a
-64-byte vector in one instruction, AVX2 splits it into two 32-byte halves. Generic LLVM operations (and, shifts,
-adds, widening, float math) need no witness: LLVM legalises them for whatever the target has. An intrinsic the CPU
-lacks aborts the whole process inside LLVM, so `host_isa()` only ever returns what the numba target can select, and
-each ISA is a distinct argument type: a compiled (and cached) kernel never runs on the wrong one.
-
-aarch64 later: add an "neon" Isa whose shuffle is `llvm.aarch64.neon.tbl1` on 16-byte quarters.
+64-byte vector in one instruction, AVX2 splits it into two 32-byte halves, NEON into four 16-byte quarters. Generic
+LLVM operations (and, shifts, adds, widening, float math) need no witness: LLVM legalises them for whatever the
+target has. An intrinsic the target lacks aborts the whole process inside LLVM (and one the CPU lacks dies with
+SIGILL), so `isa_for_host()` only ever returns what both numba's target and the CPU have, and each ISA is a distinct
+argument type: a compiled (and cached) kernel never runs on the wrong one.
 """
 
 from __future__ import annotations
@@ -29,22 +29,71 @@ from numba.extending import NativeValue, intrinsic, models, register_model, type
 
 from lutq.errors import LutqError
 
-ISA_ORDER = ("portable", "avx2", "avx512")  # weakest to strongest
-
 # ---------------------------------------------------------------------------------------------------------------------
 # ISA detection
 
 
+def target_arch(triple: str | None = None) -> str:
+    """The architecture numba compiles for (this process's own): x86_64, aarch64 or other."""
+    triple = (triple or llvm.get_process_triple()).lower()
+    if triple.startswith(("x86_64", "amd64")):
+        return "x86_64"
+    if triple.startswith(("aarch64", "arm64")):
+        return "aarch64"
+    return "other"
+
+
+ARCH = target_arch()
+ISA_ORDERS = {"x86_64": ("portable", "avx2", "avx512"), "aarch64": ("portable", "neon")}  # weakest to strongest
+ISA_ORDER = ISA_ORDERS.get(ARCH, ("portable",))
+
+# Linux aarch64 hwcaps (getauxval(AT_HWCAP), asm/hwcap.h): what the kernel says the CPU executes. qemu-user answers
+# for the emulated CPU, so they are right under emulation too, where LLVM's host detection (it parses
+# /proc/cpuinfo) sees the x86 host and finds nothing.
+AT_HWCAP = 16
+HWCAPS = {"asimd": 1 << 1, "asimddp": 1 << 20}
+HWCAP_FEATURE = {"neon": "asimd", "dotprod": "asimddp"}  # LLVM feature -> the hwcap the CPU must show for it
+
+
+def cpu_hwcaps() -> set[str] | None:
+    """The hwcaps above that this CPU has, on Linux aarch64; None where there are no hwcaps to ask."""
+    if ARCH != "aarch64":
+        return None
+    import ctypes
+
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):  # not Linux (macOS has no getauxval): trust LLVM's features
+        return None
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    bits = getauxval(AT_HWCAP)
+    return {name for name, bit in HWCAPS.items() if bits & bit}
+
+
 def target_features() -> set[str]:
-    """CPU features numba's code generator may use: the host's, unless NUMBA_CPU_NAME pins another target."""
+    """CPU features numba's code generator may use and the CPU executes: the host's, unless NUMBA_CPU_NAME pins
+    another target, whose features are then the ones NUMBA_CPU_FEATURES turns on (x86: `+avx2,+fma,...`; aarch64:
+    `+dotprod`). Advanced SIMD is the aarch64 baseline: every core and LLVM target has it unless `-neon` says not."""
     if config.CPU_NAME and config.CPU_NAME != "host":
-        feats = config.CPU_FEATURES or ""
-        return {f[1:] for f in feats.split(",") if f.startswith("+")}
-    fm = llvm.get_host_cpu_features()
-    return {k for k, v in fm.items() if v}
+        feats = (config.CPU_FEATURES or "").split(",")
+        found = {f[1:] for f in feats if f.startswith("+")}
+    else:
+        feats = []
+        found = {k for k, v in llvm.get_host_cpu_features().items() if v}
+    if ARCH == "aarch64":
+        if "-neon" not in feats:
+            found.add("neon")
+        hw = cpu_hwcaps()
+        if hw is not None:  # a feature the code generator may use but the CPU lacks would end in SIGILL
+            found -= {f for f, cap in HWCAP_FEATURE.items() if cap not in hw}
+    return found
 
 
-def detect_isa(features: set[str]) -> str:
+def detect_isa(features: set[str], arch: str = "x86_64") -> str:
+    if arch == "aarch64":
+        return "neon" if "neon" in features else "portable"
+    if arch != "x86_64":
+        return "portable"
     if {"avx512bw", "avx512vl", "avx512f", "f16c", "fma"} <= features:
         return "avx512"
     if {"avx2", "f16c", "fma"} <= features:
@@ -52,21 +101,24 @@ def detect_isa(features: set[str]) -> str:
     return "portable"
 
 
-def has_vnni(features: set[str], isa: str) -> bool:
-    """vpdpbusd on 64-byte vectors (AVX512-VNNI), or on 32-byte halves (AVX-VNNI / AVX512-VNNI with VL)."""
+def has_dot(features: set[str], isa: str) -> bool:
+    """A 4-byte dot product into int32 lanes: vpdpbusd on 64-byte vectors (AVX512-VNNI) or on 32-byte halves
+    (AVX-VNNI / AVX512-VNNI with VL); sdot on 16-byte quarters (ARMv8.2 dotprod: Cortex-A55/A76 and later, Pi 5)."""
     if isa == "avx512":
         return "avx512vnni" in features
+    if isa == "neon":
+        return "dotprod" in features
     return isa == "avx2" and "avxvnni" in features
 
 
 def host_isa() -> str:
     """The widest ISA usable here; LUTQ_ISA may lower it (to test the narrower paths), never raise it."""
-    best = detect_isa(target_features())
+    best = detect_isa(target_features(), ARCH)
     want = os.environ.get("LUTQ_ISA", "").strip().lower()
     if not want:
         return best
     if want not in ISA_ORDER:
-        raise LutqError(f"LUTQ_ISA={want!r}: expected one of {', '.join(ISA_ORDER)}")
+        raise LutqError(f"LUTQ_ISA={want!r}: expected one of {', '.join(ISA_ORDER)} on {ARCH}")
     if ISA_ORDER.index(want) > ISA_ORDER.index(best):
         raise LutqError(f"LUTQ_ISA={want}: this CPU supports at most {best}")
     return want
@@ -82,24 +134,25 @@ SOURCE_DIGEST = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
 class Isa:
-    """vnni: vpdpbusd; vbmi: vpermb (a 64-entry byte table), AVX-512 only."""
+    """name: portable, avx2, avx512 or neon. dot: the 4-byte dot product (`has_dot`: vpdpbusd, sdot). vbmi: vpermb
+    (a 64-entry byte table), AVX-512 only. Each combination is its own numba type, so its own compiled kernel."""
 
-    def __init__(self, name: str, vnni: bool = False, vbmi: bool = False):
-        self.name, self.vnni, self.vbmi = name, vnni, vbmi and name == "avx512"
+    def __init__(self, name: str, dot: bool = False, vbmi: bool = False):
+        self.name, self.dot, self.vbmi = name, dot, vbmi and name == "avx512"
 
     def __repr__(self):
-        return f"Isa({self.name!r}, vnni={self.vnni}, vbmi={self.vbmi})"
+        return f"Isa({self.name!r}, dot={self.dot}, vbmi={self.vbmi})"
 
 
 class IsaType(types.Type):
-    def __init__(self, name: str, vnni: bool, vbmi: bool, digest: str = SOURCE_DIGEST):
-        self.isa, self.vnni, self.vbmi = name, vnni, vbmi
-        super().__init__(name=f"Isa[{name}{',vnni' if vnni else ''}{',vbmi' if vbmi else ''},{digest}]")
+    def __init__(self, name: str, dot: bool, vbmi: bool, digest: str = SOURCE_DIGEST):
+        self.isa, self.dot, self.vbmi = name, dot, vbmi
+        super().__init__(name=f"Isa[{name}{',dot' if dot else ''}{',vbmi' if vbmi else ''},{digest}]")
 
 
 @typeof_impl.register(Isa)
 def _typeof_isa(val, c):
-    return IsaType(val.name, val.vnni, val.vbmi)
+    return IsaType(val.name, val.dot, val.vbmi)
 
 
 register_model(IsaType)(models.OpaqueModel)
@@ -113,7 +166,7 @@ def _unbox_isa(typ, obj, c):
 def isa_for_host() -> Isa:
     name = host_isa()
     features = target_features()
-    return Isa(name, has_vnni(features, name), "avx512vbmi" in features)
+    return Isa(name, has_dot(features, name), "avx512vbmi" in features)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -180,7 +233,32 @@ def _ptr(context, builder, arrty, arr, index, vty):
 
 def _check_isa(isa):
     if not isinstance(isa, IsaType) or isa.isa == "portable":
-        raise TypeError(f"a SIMD intrinsic needs an avx2/avx512 Isa witness, got {isa}")
+        raise TypeError(f"a SIMD intrinsic needs an avx2/avx512/neon Isa witness, got {isa}")
+
+
+def _pieces(builder, v, width):
+    """An n-element vector as n / width consecutive `width`-element vectors (free: they are separate registers)."""
+    n = v.type.count
+    return [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, width), list(range(i, i + width))))
+            for i in range(0, n, width)]
+
+
+def _join(builder, pieces):
+    """The inverse of _pieces."""
+    while len(pieces) > 1:
+        pieces = [_concat(builder, pieces[i], pieces[i + 1]) for i in range(0, len(pieces), 2)]
+    return pieces[0]
+
+
+def _tbl1(builder, table, index):
+    """pshufb on NEON: one tbl per 16-byte quarter, each quarter of `table` its own 16-entry table.
+
+    tbl zeroes an index >= 16 where pshufb zeroes an index with bit 7 set and otherwise reads index & 15; index &
+    0x8f makes the two agree on every byte. The kernels' indices are nibbles, so LLVM drops the and (known bits)."""
+    index = builder.and_(index, _splat(index.type, 0x8F))
+    q16 = ir.VectorType(I8, 16)
+    return _join(builder, [_call(builder, "llvm.aarch64.neon.tbl1.v16i8", q16, [t, i])
+                           for t, i in zip(_pieces(builder, table, 16), _pieces(builder, index, 16))])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -302,20 +380,6 @@ def _const_vec(vecty):
 
 
 splat_i16x32, splat_i32x16 = _const_vec(i16x32), _const_vec(i32x16)
-
-
-@intrinsic
-def pair_weights(typingctx, even, odd):
-    """(even, odd) repeated over 64 bytes: pmaddubsw multipliers. (1, 2) adds plane 2c to twice plane 2c+1 of
-    each row; (1, 0) and (0, 1) keep only the even or odd byte of each pair."""
-    if not isinstance(even, types.IntegerLiteral) or not isinstance(odd, types.IntegerLiteral):
-        return None
-    a, b = even.literal_value, odd.literal_value
-
-    def codegen(context, builder, sig, args):
-        return ir.Constant(i8x64.llvm_type, [ir.Constant(I8, b if i & 1 else a) for i in range(64)])
-
-    return i8x64(even, odd), codegen
 
 
 @intrinsic
@@ -515,12 +579,15 @@ def lane_f32(typingctx, v, i):
 
 @intrinsic
 def shuffle_bytes(typingctx, isa, table, index):
-    """pshufb: out[i] = table[lane(i)][index[i] & 15] (index < 128). 32 or 64 byte lookups in one instruction."""
+    """pshufb: out[i] = table[lane(i)][index[i] & 15], 0 where index[i] >= 128; lane(i) = i // 16. 32 or 64 byte
+    lookups in one instruction (AVX2: 2 for 64; NEON: tbl, 2 or 4)."""
     _check_isa(isa)
     if table != index or table not in (i8x32, i8x64):
         return None
 
     def codegen(context, builder, sig, args):
+        if isa.isa == "neon":
+            return _tbl1(builder, args[1], args[2])
         if sig.args[1] == i8x32:
             return _call(builder, "llvm.x86.avx2.pshuf.b", i8x32.llvm_type, list(args[1:]))
         return _split_call(builder, isa.isa, "llvm.x86.avx512.pshuf.b.512", "llvm.x86.avx2.pshuf.b", I8, 64,
@@ -532,12 +599,20 @@ def shuffle_bytes(typingctx, isa, table, index):
 @intrinsic
 def lookup64(typingctx, isa, tables, index, idx):
     """out[i] = T[idx[i] & 63] for 32 indices, T = the 64 bytes at tables[index:] (four 16-entry tables in a row).
-    VBMI: one vpermb. Otherwise: four pshufb, each byte keeping the one its top index bits name."""
+    VBMI: one vpermb. NEON: tbl with a four-register (64-byte) table, one per 16 indices. Otherwise: four pshufb,
+    each byte keeping the one its top index bits name."""
     _check_isa(isa)
     if idx != i8x32:
         return None
 
     def codegen(context, builder, sig, args):
+        if isa.isa == "neon":
+            q16 = ir.VectorType(I8, 16)
+            t = [builder.load(_ptr(context, builder, sig.args[1], args[1], builder.add(args[2], args[2].type(16 * j)),
+                                   q16), align=1) for j in range(4)]
+            low6 = builder.and_(args[3], _splat(i8x32.llvm_type, 63))  # tbl4 zeroes >= 64; & 63 is lookup64's rule
+            return _join(builder, [_call(builder, "llvm.aarch64.neon.tbl4.v16i8", q16, t + [i])
+                                   for i in _pieces(builder, low6, 16)])
         if isa.vbmi:
             t = builder.load(_ptr(context, builder, sig.args[1], args[1], args[2], i8x64.llvm_type), align=1)
             wide = builder.shuffle_vector(args[3], args[3], ir.Constant(ir.VectorType(I32, 64), list(range(32)) * 2))
@@ -566,6 +641,12 @@ def maddubs(typingctx, isa, unsigned, signed):
         return None
 
     def codegen(context, builder, sig, args):
+        if isa.isa == "neon":  # no such instruction: widen (ushll/sshll), multiply, add even and odd with saturation
+            wide = ir.VectorType(I16, 64)
+            prod = builder.mul(builder.zext(args[1], wide), builder.sext(args[2], wide))  # |u s| < 2^15: exact
+            even, odd = ([builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 32), list(range(j, 64, 2))))
+                          for j in (0, 1)])
+            return _call(builder, "llvm.sadd.sat.v32i16", i16x32.llvm_type, [even, odd])
         return _split_call(builder, isa.isa, "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx2.pmadd.ub.sw", I16, 32,
                            list(args[1:]))
 
@@ -573,13 +654,54 @@ def maddubs(typingctx, isa, unsigned, signed):
 
 
 @intrinsic
-def dpbusd(typingctx, isa, acc, unsigned, signed):
-    """vpdpbusd (VNNI): int32 acc[i] += sum_j u[4i+j] * s[4i+j], u unsigned bytes, s signed bytes."""
+def weigh_pairs(typingctx, isa, v, even, odd):
+    """int16 out[i] = even * v[2i] + odd * v[2i+1] for 64 signed bytes and literal weights (even, odd >= 0,
+    even + odd < 256: never saturates). x86: pmaddubsw against the constant weights. NEON, (1, 2), the bit-plane
+    pair of lut.py: saddlp (pairwise widening add) + each odd byte as int16 (the 16-bit lane shifted right by 8):
+    LLVM folds both into the accumulator (sadalp, ssra), 2 instructions per 16 bytes where maddubs' widen, multiply
+    and pairwise add cost 6. (1, 0) and (0, 1), the even or odd byte alone: shl + ssra, or ssra."""
     _check_isa(isa)
-    if not isa.vnni or acc != i32x16 or unsigned != i8x64 or signed != i8x64:
+    if v != i8x64 or not isinstance(even, types.IntegerLiteral) or not isinstance(odd, types.IntegerLiteral):
+        return None
+    a, b = even.literal_value, odd.literal_value
+    if a < 0 or b < 0 or a + b > 255:
+        raise TypeError(f"weigh_pairs: weights ({a}, {b}) must be >= 0 with a sum below 256")
+
+    def codegen(context, builder, sig, args):
+        v = args[1]
+        if isa.isa != "neon":
+            w = ir.Constant(i8x64.llvm_type, [ir.Constant(I8, b if i & 1 else a) for i in range(64)])
+            return _split_call(builder, isa.isa, "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx2.pmadd.ub.sw", I16,
+                               32, [w, v])
+        lanes = builder.bitcast(v, i16x32.llvm_type)
+        odd_bytes = builder.ashr(lanes, _splat(lanes.type, 8))
+        if (a, b) == (1, 2):
+            q8 = ir.VectorType(I16, 8)
+            pairs = _join(builder, [_call(builder, "llvm.aarch64.neon.saddlp.v8i16.v16i8", q8, [q])
+                                    for q in _pieces(builder, v, 16)])
+            return builder.add(pairs, odd_bytes)
+        even_bytes = builder.ashr(builder.shl(lanes, _splat(lanes.type, 8)), _splat(lanes.type, 8))
+        return builder.add(builder.mul(even_bytes, _splat(lanes.type, a)),
+                           builder.mul(odd_bytes, _splat(lanes.type, b)))
+
+    return i16x32(isa, v, even, odd), codegen
+
+
+@intrinsic
+def dpbusd(typingctx, isa, acc, unsigned, signed):
+    """vpdpbusd (VNNI): int32 acc[i] += sum_j u[4i+j] * s[4i+j], u unsigned bytes, s signed bytes.
+
+    NEON (dotprod): sdot on each 16-byte quarter, which reads u as signed too: exact while every u < 128 (the crumbs
+    kernel's u are 2-bit codes). usdot, the mixed-sign one, needs i8mm, which the Cortex-A76 (Pi 5) lacks."""
+    _check_isa(isa)
+    if not isa.dot or acc != i32x16 or unsigned != i8x64 or signed != i8x64:
         return None
 
     def codegen(context, builder, sig, args):
+        if isa.isa == "neon":
+            q4 = ir.VectorType(I32, 4)
+            parts = zip(*(_pieces(builder, v, w) for v, w in zip(args[1:], (4, 16, 16))))
+            return _join(builder, [_call(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", q4, list(p)) for p in parts])
         a, u, s = (builder.bitcast(v, ir.VectorType(I32, 16)) for v in args[1:])
         if isa.isa == "avx512":
             return _call(builder, "llvm.x86.avx512.vpdpbusd.512", i32x16.llvm_type, [a, u, s])

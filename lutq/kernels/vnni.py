@@ -1,7 +1,8 @@
 """The int2 x int8 dot-product kernel (llama.cpp TQ2_0 style): ternary's alternative to the LUT kernel.
 
 Activations are quantized to int8 with one scale per quantization group; 2-bit codes (layout "crumbs") are
-multiplied by them with VNNI's vpdpbusd, 4 u8 x s8 products summed into each int32 lane per instruction:
+multiplied by them with VNNI's vpdpbusd (aarch64: dotprod's sdot; the codes, 0..3, are valid signed bytes too), 4
+byte products summed into each int32 lane per instruction:
 
     per group of G columns:  sum_k W_k x_k  ~=  s * xscale * sum_k q_k xq_k  +  z * S        (S = exact x sum)
 
@@ -72,7 +73,7 @@ class Int8Activations:
 #   bytes   0..63: rows  0-15, 4 bytes each      byte j of row r, crumb c = code of column 16b + 4c + j
 #   bytes 64..127: rows 16-31
 #
-#   for c in 0..3:  acc_rows0_15  += vpdpbusd((bytes >> 2c) & 3, broadcast(xq[16b + 4c : +4]))
+#   for c in 0..3:  acc_rows0_15  += vpdpbusd((bytes >> 2c) & 3, broadcast(xq[16b + 4c : +4]))   (NEON: 4 sdot)
 #                   acc_rows16_31 += the same on the second 64 bytes
 #   every G columns: rows_f32 += s * xscale * acc + z * S
 
@@ -133,13 +134,16 @@ def _vnni_parallel(isa, packed, params, xq, xscales, sums, chunks, out):
 
 
 def available() -> bool:
-    return ISA.vnni
+    """The dot-product instruction is there: VNNI on x86, dotprod (sdot) on aarch64. Without it ternary stays on the
+    LUT kernel, which is the default everywhere anyway."""
+    return ISA.dot
 
 
 def gemv_crumbs(packed, params, acts: Int8Activations, out, threads: int | None = None) -> None:
     """out[n, m] = sum_k W[m, k] x[n, k] for 2-bit codes in layout.pack_crumbs (int2, ternary as q = t + 1)."""
-    if not ISA.vnni:
-        raise LutqError(f"the VNNI kernel needs AVX512-VNNI or AVX-VNNI; this CPU has {ISA.name} without it")
+    if not ISA.dot:
+        raise LutqError(f"the dot-product kernel needs AVX512-VNNI, AVX-VNNI or ARMv8.2 dotprod; this CPU has "
+                        f"{ISA.name} without it")
     n_tiles, n_blocks = packed.shape[:2]
     if packed.dtype != np.uint8 or packed.shape[2:] != (TILE_M, 4) or 16 * n_blocks != acts.k:
         raise LutqError(f"packed codes u8{list(packed.shape)} are not 2-bit crumbs of K = {acts.k}")
