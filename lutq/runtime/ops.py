@@ -26,7 +26,7 @@ def rms_norm_into(x, weight, eps, out):  # pragma: no cover - compiled
             out[t, d] = x[t, d] * r * weight[d]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")  # numpy's: a NaN from an overflowed model flows on, no raise
 def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, scores, out):  # pragma: no cover - compiled
     """One token's attention, appending its key and value to the cache.
 
