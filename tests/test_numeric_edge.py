@@ -66,29 +66,24 @@ def test_all_zero_matrix_is_exactly_zero(name, refine):
 
 @pytest.mark.parametrize("g", [32, 64])
 @pytest.mark.parametrize("refine", [True, False])
-@pytest.mark.parametrize("name", GROUPWISE)
+@pytest.mark.parametrize("name", GROUPWISE + QUANTIZED_PARAMS)
 def test_constant_groups_come_back_to_fp16_precision(name, refine, g):
+    """Within fp16 rounding; the int-k formats within one step of their per-tensor 8-bit grid too (max|W| / 255)."""
     w = constant_blocks(g)
     p = get_format(name).quantize(w, g, refine)
     w_hat = dequantize(p)
     assert finite(p, w_hat)
-    assert np.all(np.abs(w_hat - w) <= fp16_tolerance(w, 127 if name == "int8" else 1)), name
+    grid = np.abs(w).max() / 255 if name in QUANTIZED_PARAMS else 0.0
+    assert np.all(np.abs(w_hat - w) <= grid + fp16_tolerance(w, 127 if name == "int8" else 1)), name
     assert not w_hat[w == 0].any()
 
 
-@pytest.mark.parametrize("g", [32, 64])
 @pytest.mark.parametrize("refine", [True, False])
 @pytest.mark.parametrize("name", QUANTIZED_PARAMS)
-def test_constant_groups_with_quantized_parameters(name, refine, g):
-    w = constant_blocks(g)
-    p = get_format(name).quantize(w, g, refine)
-    w_hat = dequantize(p)
-    assert finite(p, w_hat)
-    assert np.all(np.abs(w_hat - w) <= np.abs(w).max() / 255 + fp16_tolerance(w)), name
-    assert not w_hat[w == 0].any()
-    one_magnitude = np.where(w == 0, 0, 0.37).astype(np.float32) * np.sign(w)  # every group at +-0.37 or 0
-    w_hat = dequantize(get_format(name).quantize(one_magnitude, g, refine))
-    assert np.all(np.abs(w_hat - one_magnitude) <= fp16_tolerance(one_magnitude) * 4), name
+def test_quantized_parameters_keep_groups_of_one_magnitude(name, refine):
+    w = np.sign(constant_blocks(32)) * np.float32(0.37)  # every group +-0.37 or 0: one scale for all
+    w_hat = dequantize(get_format(name).quantize(w, 32, refine))
+    assert np.all(np.abs(w_hat - w) <= fp16_tolerance(w) * 4), name
 
 
 @pytest.mark.parametrize("refine", [True, False])
