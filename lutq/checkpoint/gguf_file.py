@@ -13,16 +13,14 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from lutq.checkpoint.base import Checkpoint, TensorInfo
+from lutq.checkpoint.cache import cache_root, cached_dir
 from lutq.checkpoint.gguf_header import check_gguf_header
 from lutq.config import ModelConfig
 from lutq.errors import CheckpointError
@@ -84,17 +82,6 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(base):  # the XDG spec says to ignore a relative value
-        base = os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lutq" / "gguf-tokenizers"
-
-
-def is_tokenizer_dir(path: Path) -> bool:
-    return (path / "tokenizer.json").is_file() and (path / "tokenizer_config.json").is_file()
 
 
 class GGUFCheckpoint(Checkpoint):
@@ -234,29 +221,7 @@ class GGUFCheckpoint(Checkpoint):
         return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
     def _cached_tokenizer_dir(self) -> Path:
-        final = cache_root() / self._cache_key()
-        if is_tokenizer_dir(final):
-            return final
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        except OSError:
-            # An unwritable cache (read-only home, sandbox) costs a rebuild per run, not a failure.
-            fallback = Path(tempfile.mkdtemp(prefix="lutq-gguf-tokenizer-"))
-            self._write_tokenizer(fallback)
-            return fallback
-        # Built beside its final place and renamed in whole, so a concurrent run sees either nothing or all of it.
-        try:
-            self._write_tokenizer(staging)
-            os.rename(staging, final)
-        except OSError as e:
-            if not is_tokenizer_dir(final):
-                problem = f"cannot write the tokenizer cache: {e.strerror or first_line(e)}"
-                raise CheckpointError(final, problem) from None
-            # else a concurrent run renamed its identical copy into place first
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return final
+        return cached_dir(cache_root("gguf-tokenizers") / self._cache_key(), self._write_tokenizer)
 
     def _write_tokenizer(self, out: Path) -> None:
         # Imported here: it costs a second, and a cached tokenizer never needs it. It must stay this module and not

@@ -9,13 +9,13 @@ with no merges, padded to the architecture's vocabulary with placeholder tokens:
 from __future__ import annotations
 
 import json
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from lutq.checkpoint.base import Checkpoint, TensorInfo
+from lutq.checkpoint.cache import cache_root, cached_dir
 from lutq.config import ModelConfig
 from lutq.errors import CheckpointError
 
@@ -93,9 +93,10 @@ class SyntheticCheckpoint(Checkpoint):
         return np.resize(block, shape)
 
     def tokenizer_dir(self) -> Path:
-        if self._tokenizer is None:
-            self._tokenizer = Path(tempfile.mkdtemp(prefix=f"lutq-{self.shape}-tokenizer-"))
-            write_byte_tokenizer(self._tokenizer, self.config.vocab_size)
+        if self._tokenizer is None:  # written once per vocabulary size, kept in the cache (not a temp dir per run)
+            vocab = self.config.vocab_size
+            self._tokenizer = cached_dir(cache_root("random-tokenizers") / f"bytes-{vocab}",
+                                         lambda out: write_byte_tokenizer(out, vocab))
         return self._tokenizer
 
 
