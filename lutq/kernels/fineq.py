@@ -54,24 +54,14 @@ from lutq.kernels.simd import (
 BLOCK = 8
 
 
-@njit(cache=True)
-def _cluster_tables(x0, x1, x2, out):
-    """out f64[5, 16]: A0, A1, A2, A3, B for one cluster (units of the scale), each centred on zero."""
-    for lo in range(16):
-        out[0, lo] = ((lo & 3) - 1.5) * x0 + ((lo >> 2) - 1.5) * x1
-    for h2 in range(4):
-        out[4, h2] = (h2 - 1.5) * x2
-    _mode_tables(1, x1, x2, out)  # KEPT[0] = (1, 2)
-    _mode_tables(2, x0, x2, out)  # KEPT[1] = (0, 2)
-    _mode_tables(3, x0, x1, out)  # KEPT[2] = (0, 1)
-
-
-@njit(cache=True)
-def _mode_tables(mode, xa, xb, out):
-    for lo in range(16):
-        out[mode, lo] = ((lo & 7) - 3.5) * xa + ((lo >> 3) - 0.5) * xb
-    for h2 in range(4):
-        out[4, mode << 2 | h2] = (2 * h2 - 3) * xb
+# The levels each table entry multiplies (quantize/fineq.py's byte map): A0[lo] = LO4[lo] x0 + HI4[lo] x1;
+# mode m's Am[lo] = LO8[lo] xa + HI8[lo] xb (m = 1, 2, 3 keep (x1, x2), (x0, x2), (x0, x1)); B[m << 2 | h2] =
+# B_LEVELS[m << 2 | h2] times x2 (modes 0-2) or x1 (mode 3).
+LO4 = np.array([(lo & 3) - 1.5 for lo in range(16)])
+HI4 = np.array([(lo >> 2) - 1.5 for lo in range(16)])
+LO8 = np.array([(lo & 7) - 3.5 for lo in range(16)])
+HI8 = np.array([(lo >> 3) - 0.5 for lo in range(16)])
+B_LEVELS = np.array([h2 - 1.5 for h2 in range(4)] + [2 * h2 - 3.0 for h2 in range(4)] * 3)
 
 
 @njit(cache=True, inline="always")
@@ -80,13 +70,42 @@ def _group_clusters(g, group, n_clusters):
     return -(-g * group // 3), min(n_clusters, -(-(g + 1) * group // 3))
 
 
+@njit(cache=True, inline="always")
+def _cluster_peak(x0, x1, x2):
+    """The largest |entry| of a cluster's five tables, in closed form (each table's extreme entry has every term's
+    sign matched to its activation's): A0 1.5|x0| + 1.5|x1|, Am 3.5|xa| + 0.5|xb|, B 3 max(|x1|, |x2|)."""
+    a0, a1, a2 = abs(x0), abs(x1), abs(x2)
+    peak = max(1.5 * a0 + 1.5 * a1, 3.5 * a1 + 0.5 * a2, 3.5 * a0 + 0.5 * a2)
+    return max(peak, 3.5 * a0 + 0.5 * a1, 3.0 * max(a1, a2))
+
+
+@njit(cache=True, inline="always")
+def _fill_table(out, lo_levels, hi_levels, xa, xb, inv, quantize):
+    """out[0:16] = lo_levels * xa + hi_levels * xb, times inv and rounded (int8 tables) or as is (exact mode)."""
+    for e in range(16):
+        v = lo_levels[e] * xa + hi_levels[e] * xb
+        out[e] = np.rint(v * inv) if quantize else v
+
+
+@njit(cache=True, inline="always")
+def _cluster_tables(x0, x1, x2, inv, quantize, out):
+    """out [5, 16]: A0, A1, A2, A3, B of one cluster (units of the scale, each centred on zero), times inv."""
+    _fill_table(out[0], LO4, HI4, x0, x1, inv, quantize)
+    _fill_table(out[1], LO8, HI8, x1, x2, inv, quantize)  # mode 1 keeps (x1, x2)
+    _fill_table(out[2], LO8, HI8, x0, x2, inv, quantize)  # mode 2 keeps (x0, x2)
+    _fill_table(out[3], LO8, HI8, x0, x1, inv, quantize)  # mode 3 keeps (x0, x1)
+    for e in range(16):
+        v = B_LEVELS[e] * (x2 if e < 12 else x1)
+        out[4, e] = np.rint(v * inv) if quantize else v
+
+
 @njit(cache=True)
 def _build(x, group, tables, tscales, quantize):
     """tables [N, C, 5, 16] (i8, one scale per block of BLOCK clusters of a group; or f32 with scales 1),
-    tscales f32[N, K/G, blocks per group], from x f32[N, K]."""
+    tscales f32[N, K/G, blocks per group], from x f32[N, K]. Two passes per block: the peak in closed form, then
+    the entries straight into the tables (16-wide loops the compiler vectorises)."""
     n_tok, k = x.shape
     n_clusters = tables.shape[1]
-    vals = np.empty((BLOCK, 5, 16), np.float64)  # one block's tables before quantization (5 KB: stays in L1)
     for n in range(n_tok):
         for g in range(k // group):
             c0, c1 = _group_clusters(g, group, n_clusters)
@@ -94,20 +113,17 @@ def _build(x, group, tables, tscales, quantize):
                 stop = min(c1, start + BLOCK)
                 peak = 0.0
                 for c in range(start, stop):
-                    x0 = np.float64(x[n, 3 * c])
                     x1 = np.float64(x[n, 3 * c + 1]) if 3 * c + 1 < k else 0.0  # padding columns: zero weights
                     x2 = np.float64(x[n, 3 * c + 2]) if 3 * c + 2 < k else 0.0
-                    _cluster_tables(x0, x1, x2, vals[c - start])
-                    for i in range(5):
-                        for e in range(16):
-                            peak = max(peak, abs(vals[c - start, i, e]))
+                    peak = max(peak, _cluster_peak(np.float64(x[n, 3 * c]), x1, x2))
                 inv = TABLE_MAX / peak if peak > 0 else 0.0
+                if not quantize:
+                    inv = 1.0
                 tscales[n, g, blk] = peak / TABLE_MAX if quantize else 1.0
                 for c in range(start, stop):
-                    for i in range(5):
-                        for e in range(16):
-                            v = vals[c - start, i, e]
-                            tables[n, c, i, e] = np.rint(v * inv) if quantize else v
+                    x1 = np.float64(x[n, 3 * c + 1]) if 3 * c + 1 < k else 0.0
+                    x2 = np.float64(x[n, 3 * c + 2]) if 3 * c + 2 < k else 0.0
+                    _cluster_tables(np.float64(x[n, 3 * c]), x1, x2, inv, quantize, tables[n, c])
 
 
 class ClusterTables:
@@ -225,12 +241,18 @@ def gemv_fineq(packed, scales, tables: ClusterTables, out, threads: int | None =
     return run_tiles(_fineq_tiles, _fineq_parallel, (ISA,) + args, n_tiles, weights, threads, out, bind)
 
 
+@njit(cache=True)
+def _unit_tables(x0, x1, x2, out):
+    _cluster_tables(x0, x1, x2, 1.0, False, out)
+
+
 def byte_values() -> np.ndarray:
     """Every byte's three weights in units of the scale, f32[256, 3]: the tables with x = unit vectors."""
     out = np.zeros((256, 3), np.float32)
     t = np.empty((5, 16))
     for i in range(3):
-        _cluster_tables(*np.eye(3)[i], t)
+        x0, x1, x2 = np.eye(3)[i]
+        _unit_tables(x0, x1, x2, t)
         for byte in range(256):
             out[byte, i] = t[byte >> 6, byte & 15] + t[4, byte >> 4]
     return out
