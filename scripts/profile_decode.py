@@ -5,7 +5,7 @@
 DIR is a lutq directory (e.g. one `lutq bench` cached under ~/.cache/lutq/bench). After a short prompt and a few
 warm-up steps, 20 decode steps are timed, then the same step's kernel calls (each QuantLinear's bound call, in model
 order, into its own output) are replayed alone; 7 interleaved repeats, medians. Then the step runs with every kernel
-call replaced by a no-op: what is left is the rest (tables, norms, attention, activations, Python). --cprofile prints
+call replaced by zero-filling its output: what is left is the rest (tables, norms, attention, activations, Python). --cprofile prints
 the functions that rest spends its time in.
 """
 
@@ -73,7 +73,7 @@ def main(directory: str, profile: bool) -> None:
     token, kernels = per_step(step), per_step(kernels_only)
     for q in layers:
         for key in q.bound:
-            q.bound[key] = lambda out: None
+            q.bound[key] = lambda out: out.fill(0.0)  # a defined output, no product
     rest = per_step(step)
     print(f"decode {1 / token:.1f} tok/s = {token * 1e3:.2f} ms/token; kernels alone {kernels * 1e3:.2f} ms "
           f"({len(calls)} calls); ratio {token / kernels:.2f}; without the kernels {rest * 1e3:.2f} ms")

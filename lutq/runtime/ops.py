@@ -74,7 +74,7 @@ def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, scores, out):  # prag
                 out[h * hd + i] += p * v_cache[j, s, i]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")  # an overflowed activation gives inf/NaN, not an exception
 def silu_mul_into(gate_up, out):  # pragma: no cover - compiled
     """out[t] = silu(gate) * up for gate_up: f32[T, 2F] = [gate | up]."""
     T, F = out.shape
