@@ -241,9 +241,9 @@ def quantize(
     src: str = typer.Argument(..., help=MODEL_HELP),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="The lutq directory to write (must not exist)."),
     format: Optional[str] = typer.Option(None, "--format", "-f", help="Format rules: DEFAULT[,GLOB=FORMAT...], e.g. "
-                                         "nf3,lm_head=int4,*.down_proj=int4. Formats: int2 int3 int4 int2k int3k int4k nf2 "
-                                         "nf3 nf4 ternary ternary-group fineq int8 fp16; DEFAULT 'auto' with "
-                                         "--bits-budget."),
+                                         "nf3,lm_head=int4,*.down_proj=int4. Formats: int2 int3 int4 int6, int2k int3k "
+                                         "int4k int6k, nf2 nf3 nf4, ternary ternary-group, fineq, int8, fp16; "
+                                         "DEFAULT 'auto' with --bits-budget. lm_head: int6k:32 unless named."),
     group_size: int = typer.Option(64, "--group-size", "-g", help="Weights per scale group along K: 32, 64 or 128."),
     bits_budget: Optional[float] = typer.Option(None, "--bits-budget", help="Choose a format per tensor to fit this "
                                                 "many bits/weight on average over the linear layers."),
