@@ -71,26 +71,37 @@ def tile_chunks(m: int, k: int) -> list[slice]:
     return [slice(t, min(tiles, t + step)) for t in range(0, tiles, step)]
 
 
-def pack_bitserial(codes: np.ndarray, bits: int) -> np.ndarray:
-    """codes: u8[M, K] with values < 2**bits -> u8[M_pad/32, K/8, bits, 32]."""
+def check_codes(codes: np.ndarray, bits: int, k_multiple: int) -> tuple[int, int]:
+    """(M, K) of codes u8[M, K] that a layout can pack: K a multiple of k_multiple, every code below 2**bits."""
     m, k = codes.shape
-    if k % K_MULTIPLE:
-        raise ValueError(f"K = {k} is not a multiple of {K_MULTIPLE}")
+    if k % k_multiple:
+        raise ValueError(f"K = {k} is not a multiple of {k_multiple}")
     if codes.max(initial=0) >= 1 << bits:
         raise ValueError(f"codes do not fit in {bits} bits")
+    return m, k
+
+
+def padded_to_tiles(codes: np.ndarray) -> np.ndarray:
+    """codes u8[M, K] with zero rows appended up to M_pad (whole tiles of 32 rows)."""
+    q = np.zeros((padded_rows(len(codes)), codes.shape[1]), np.uint8)
+    q[: len(codes)] = codes
+    return q
+
+
+def pack_bitserial(codes: np.ndarray, bits: int) -> np.ndarray:
+    """codes: u8[M, K] with values < 2**bits -> u8[M_pad/32, K/8, bits, 32]."""
+    m, k = check_codes(codes, bits, K_MULTIPLE)
     out = np.empty((padded_rows(m) // TILE_M, k // 8, bits, TILE_M), np.uint8)
     for tiles in tile_chunks(m, k):
         rows = codes[tiles.start * TILE_M : tiles.stop * TILE_M]
-        out[tiles] = _pack_bitserial_tiles(rows, bits, tiles.stop - tiles.start)
+        out[tiles] = _pack_bitserial_tiles(rows, bits)
     return out
 
 
-def _pack_bitserial_tiles(codes: np.ndarray, bits: int, n_tiles: int) -> np.ndarray:
-    """pack_bitserial of the rows of n_tiles whole tiles (fewer rows: zero rows pad the last tile)."""
+def _pack_bitserial_tiles(codes: np.ndarray, bits: int) -> np.ndarray:
+    """pack_bitserial of the rows of whole tiles (fewer rows: zero rows pad the last tile)."""
     k = codes.shape[1]
-    q = np.zeros((n_tiles * TILE_M, k), np.uint8)
-    q[: len(codes)] = codes
-    q = q.reshape(-1, TILE_M, k // 8, 2, 4)  # [t, r, p, half, k]
+    q = padded_to_tiles(codes).reshape(-1, TILE_M, k // 8, 2, 4)  # [t, r, p, half, k]
     planes = [((q >> b) & 1) for b in range(bits)]  # each [t, r, p, half, k]
     weights = (1 << np.arange(4, dtype=np.uint8))
     nib = [(pl * weights).sum(axis=-1, dtype=np.uint8) for pl in planes]  # [t, r, p, half]
@@ -132,14 +143,8 @@ def _unpack_bitserial_tiles(packed: np.ndarray, bits: int) -> np.ndarray:
 
 def pack_crumbs(codes: np.ndarray) -> np.ndarray:
     """codes: u8[M, K] with values < 4, K a multiple of 16 -> u8[M_pad/32, K/16, 32, 4]."""
-    m, k = codes.shape
-    if k % 16:
-        raise ValueError(f"K = {k} is not a multiple of 16")
-    if codes.max(initial=0) >= 4:
-        raise ValueError("codes do not fit in 2 bits")
-    q = np.zeros((padded_rows(m), k), np.uint8)
-    q[:m] = codes
-    q = q.reshape(-1, TILE_M, k // 16, 4, 4)  # [t, r, b, c, j]
+    _, k = check_codes(codes, 2, 16)
+    q = padded_to_tiles(codes).reshape(-1, TILE_M, k // 16, 4, 4)  # [t, r, b, c, j]
     byte = (q << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=3, dtype=np.uint8)  # [t, r, b, j]
     return np.ascontiguousarray(byte.transpose(0, 2, 1, 3))
 
@@ -155,14 +160,8 @@ def unpack_crumbs(packed: np.ndarray, m: int, k: int) -> np.ndarray:
 
 def pack_codebook(codes: np.ndarray) -> np.ndarray:
     """codes: u8[M, K] with values < 16, K a multiple of 4 -> u8[M_pad/32, K/4, 2, 32]."""
-    m, k = codes.shape
-    if k % 4:
-        raise ValueError(f"K = {k} is not a multiple of 4")
-    if codes.max(initial=0) >= 16:
-        raise ValueError("codes do not fit in 4 bits")
-    q = np.zeros((padded_rows(m), k), np.uint8)
-    q[:m] = codes
-    q = q.reshape(-1, TILE_M, k // 4, 2, 2)  # [t, r, j, half, lo/hi]
+    _, k = check_codes(codes, 4, 4)
+    q = padded_to_tiles(codes).reshape(-1, TILE_M, k // 4, 2, 2)  # [t, r, j, half, lo/hi]
     return np.ascontiguousarray((q[..., 0] | (q[..., 1] << 4)).transpose(0, 2, 3, 1))
 
 
@@ -177,10 +176,7 @@ def unpack_codebook(packed: np.ndarray, m: int, k: int) -> np.ndarray:
 
 def pack_codebook_pairs(codes: np.ndarray) -> np.ndarray:
     """2-bit codes u8[M, K], K a multiple of 8 -> the codebook layout of the K/2 pair codes: u8[M_pad/32, K/8, 2, 32]"""
-    if codes.shape[1] % 8:
-        raise ValueError(f"K = {codes.shape[1]} is not a multiple of 8")
-    if codes.max(initial=0) >= 4:
-        raise ValueError("codes do not fit in 2 bits")
+    check_codes(codes, 2, 8)
     return pack_codebook(codes[:, 0::2] | (codes[:, 1::2] << 2))
 
 
