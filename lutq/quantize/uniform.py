@@ -112,9 +112,15 @@ def scale_for_zero_point(d: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
     return np.where(d > 0, d, to_f16(np.abs(b) / ((1 << bits) - 1)))
 
 
+def expand_params_f64(sq, zq, step: float, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """expand_params in float64, for the search: the same fp16 values."""
+    s, b = expand_params(sq, zq, step, bits)
+    return s.astype(np.float64), b.astype(np.float64)
+
+
 def expand_levels(sq, zq, codes, step: float, bits: int) -> np.ndarray:
     """Groups' values f64[N, G] from their parameter codes and codes (what dequantize gives)."""
-    s, b = (a.astype(np.float64) for a in expand_params(sq, zq, step, bits))
+    s, b = expand_params_f64(sq, zq, step, bits)
     return s[:, None] * codes + b[:, None]
 
 
@@ -128,12 +134,12 @@ def requantize_params(x: np.ndarray, d: np.ndarray, m: np.ndarray, step: float, 
     sq = np.clip(np.rint(d / step), 0, 255) if step > 0 else np.zeros_like(d)
     zq = np.clip(np.rint(-m / np.where(d > 0, d, 1.0) / zero_point_grid(bits)), 0, 255)
     for _ in range(2):
-        s_hat, b_hat = (a.astype(np.float64) for a in expand_params(sq, zq, step, bits))
+        s_hat, b_hat = expand_params_f64(sq, zq, step, bits)
         q = assign(x, s_hat, b_hat, nmax)
         safe = np.where(s_hat > 0, s_hat, 1.0)
         z = -(x - s_hat[:, None] * q).mean(axis=1) / safe
         zq = np.where(s_hat > 0, np.clip(np.rint(z / zero_point_grid(bits)), 0, 255), 0)
-    s_hat, b_hat = (a.astype(np.float64) for a in expand_params(sq, zq, step, bits))
+    s_hat, b_hat = expand_params_f64(sq, zq, step, bits)
     return sq.astype(np.uint8), zq.astype(np.uint8), assign(x, s_hat, b_hat, nmax)
 
 
@@ -224,9 +230,6 @@ class UniformFormat:
                   "scale_step": np.array([step], np.float32)}
         return PackedTensor(arrays, meta)
 
-    def params(self, p: PackedTensor) -> tuple[np.ndarray, np.ndarray]:
-        return group_params(p)
-
     def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Array name -> (dtype, shape) that a tensor with this metadata stores (ValueError: impossible metadata)."""
         m, k, g = stored_dims(meta, self.bits, "bitserial")
@@ -246,7 +249,7 @@ class UniformFormat:
         m, k = p.shape
         g = p.group_size
         w = self.codes(p).reshape(m, k // g, g).astype(np.float32)
-        s, b = self.params(p)
+        s, b = group_params(p)
         w *= s[..., None]  # in place: no temporaries the size of W
         w += b[..., None]
         return w.reshape(m, k)
