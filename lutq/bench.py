@@ -28,14 +28,9 @@ def cache_dir() -> Path:
     return Path(base) / "lutq" / "bench"
 
 
-def bench_rules(fmt: str) -> str:
-    """The rules a benchmarked format is quantized with: as given, so lm_head gets `lutq quantize`'s default (int6k,
-    G = 32: llama.cpp also keeps its output matrix at 6 bits) unless `fmt` names it."""
-    return fmt
-
-
 def quantized_copy(model: str, fmt: str, group_size: int, on_status=None) -> str:
-    """A lutq directory of `model` quantized with bench_rules(fmt), cached."""
+    """A lutq directory of `model` quantized with the rules `fmt`, cached. lm_head gets `lutq quantize`'s default
+    (int6k, G = 32: llama.cpp also keeps its output matrix at 6 bits) unless `fmt` names it."""
     from lutq.checkpoint import open_checkpoint
     from lutq.quantize.convert import QuantizeOptions, quantize_checkpoint
     from lutq.quantize.rules import parse_rules
@@ -46,12 +41,11 @@ def quantized_copy(model: str, fmt: str, group_size: int, on_status=None) -> str
                         f"{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
     if (out / "config.json").exists():
         return str(out)
-    rules = bench_rules(fmt)
     if on_status:
-        on_status(f"quantizing {model} to {rules} (cached in {out})")
+        on_status(f"quantizing {model} to {fmt} (cached in {out})")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open_checkpoint(model) as ckpt:
-        quantize_checkpoint(ckpt, out, QuantizeOptions(parse_rules(rules), group_size), force=True)
+        quantize_checkpoint(ckpt, out, QuantizeOptions(parse_rules(fmt), group_size), force=True)
     return str(out)
 
 
@@ -116,9 +110,8 @@ def run(model: str, formats: list[str], threads: list[int], prompt_tokens: int, 
         res = subprocess.run(args, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             raise LutqError(f"bench worker for {fmt} failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
-        rules = fmt if fmt in FP or fmt == "as-is" else bench_rules(fmt)
         for rec in json.loads(res.stdout):
-            records.append({"model": model, "format": fmt, "rules": rules, **rec})
+            records.append({"model": model, "format": fmt, "rules": fmt, **rec})
     return records
 
 

@@ -284,13 +284,16 @@ class LutqCheckpoint(HFCheckpoint):
 
 
 class Int8Rows:
-    """Rows of an int8 embedding (`--embed int8`), dequantized only as they are gathered: codes * group scale."""
+    """Rows of an int8 embedding (`--embed int8`), dequantized only as they are gathered."""
 
     def __init__(self, p: PackedTensor):
-        self.codes, self.scales, self.group = p.arrays["codes"], p.arrays["scales"], p.group_size
+        self.packed = p
         self.shape = p.shape
 
     def __getitem__(self, ids) -> np.ndarray:
-        q = self.codes[ids].astype(np.float32)  # [T, K]
-        s = self.scales[ids].astype(np.float32)  # [T, K/G]
-        return (q.reshape(len(q), -1, self.group) * s[..., None]).reshape(q.shape)
+        from lutq.quantize.registry import dequantize
+
+        a = self.packed.arrays
+        rows = PackedTensor({"codes": a["codes"][ids], "scales": a["scales"][ids]},
+                            {**self.packed.meta, "shape": [len(ids), self.shape[1]]})
+        return dequantize(rows)

@@ -107,15 +107,19 @@ class TensorSource:
 
             self.pool = TablePool()  # one set of table buffers for the whole model
 
-    def get(self, name: str, shape: tuple[int, ...], optional: bool = False, check_only: bool = False):
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        """That tensor `name` exists with the shape the config implies."""
         if name not in self.shapes:
-            if optional:
-                return None
             raise CheckpointError(self.ckpt.path, f"tensor {name!r} is missing")
         if tuple(self.shapes[name]) != shape:
             raise CheckpointError(self.ckpt.path, f"tensor {name!r} has shape {list(self.shapes[name])}, "
                                                   f"the config implies {list(shape)}")
-        return None if check_only else self.ckpt.load(name)
+
+    def get(self, name: str, shape: tuple[int, ...], optional: bool = False) -> np.ndarray | None:
+        if optional and name not in self.shapes:
+            return None
+        self.check(name, shape)
+        return self.ckpt.load(name)
 
     def linear(self, name: str, rows: int, cols: int):
         """The layer `name` (without .weight): y = x @ W.T + b, W [rows, cols]."""
@@ -123,8 +127,7 @@ class TensorSource:
         if self.quantized and self.ckpt.is_packed(name + ".weight"):
             from lutq.runtime.quant_linear import make_linear
 
-            if tuple(self.shapes.get(name + ".weight", ())) != (rows, cols):
-                self.get(name + ".weight", (rows, cols))  # raises the shape error
+            self.check(name + ".weight", (rows, cols))
             return make_linear(self.ckpt.packed(name + ".weight"), bias, self.pool)
         return DenseLinear(self.get(name + ".weight", (rows, cols)), bias)
 
@@ -144,7 +147,7 @@ class TensorSource:
         cfg = self.ckpt.config
         name, shape = "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)
         if "lm_head.weight" in self.shapes:
-            self.get(name, shape, check_only=True)
+            self.check(name, shape)
             return self.ckpt.rows(name), self.linear("lm_head", cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             embed = self.get(name, shape)
