@@ -404,7 +404,7 @@ def run_tiles(serial, parallel, args, n_tiles: int, weights: int, threads: int |
     bind=True runs once and returns call(out) for later runs with the same arguments but the output: the compiled
     function itself, which skips numba's per-call argument typing (about 4 us of a 576 x 576 decode GEMV's 7) and the
     caller's shape checks. The decode step uses it: its table buffers and weights stay put from token to token."""
-    threads = numba.get_num_threads() if threads is None else threads
+    threads = current_threads() if threads is None else threads
     if threads == 1 or weights < PARALLEL_MIN_WEIGHTS:
         fn, prefix = serial, (*args, 0, n_tiles)
     else:
