@@ -225,6 +225,31 @@ def test_bitserial_gemv(m, k, group, bits):
     assert rel_err(out, ref) <= INT8_TOL
 
 
+@pytest.mark.parametrize("k, group", [(576, 64), (1536, 32), (64, 64)])
+def test_int8_tables_are_the_rounded_float64_tables(k, group):
+    """The vectorised f32 table build against float64 math: T[j] = sum_k (bit k of j ? x_k : -x_k), scaled so a
+    group's largest possible entry (sum |x_k|) is 127, rounded. f32 may round a tie the other way: off by at most 1,
+    rarely; the mirror T[15 - j] = -T[j] holds exactly; scales and sums to f32 precision."""
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((3, k)) * rng.uniform(1e-3, 1e3, (3, 1))).astype(np.float32)
+    x[2, :group] = 0.0  # an all-zero group: zero tables, zero scale
+    tables = lut.Tables(k, group, tokens=3)
+    tables.build(x)
+    quads = x.astype(np.float64).reshape(3, k // 4, 4)
+    signs = np.array([[1.0 if (j >> b) & 1 else -1.0 for b in range(4)] for j in range(16)])
+    exact = quads @ signs.T  # [3, K/4, 16]
+    peak = np.abs(quads).sum(-1).reshape(3, k // group, group // 4).max(-1)  # [3, K/G]
+    scale = np.divide(127.0, peak, out=np.zeros_like(peak), where=peak > 0)
+    want = np.rint(exact * np.repeat(scale, group // 4, axis=1)[..., None])
+    diff = np.abs(tables.tables - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    np.testing.assert_array_equal(tables.tables[..., ::-1], -tables.tables)
+    np.testing.assert_allclose(tables.tscales, peak / 127.0, rtol=1e-6)
+    np.testing.assert_allclose(tables.sums, x.astype(np.float64).reshape(3, k // group, group).sum(-1),
+                               rtol=1e-5, atol=1e-5 * np.abs(x).max())
+    assert not tables.tables[2, : group // 4].any() and tables.tscales[2, 0] == 0
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bound_call_reruns_with_new_tables(threads):
     """bind=True returns the compiled kernel bound to the weights and table buffers: rebuilding the tables from a new

@@ -29,7 +29,7 @@ from numba import njit, prange
 
 from lutq.errors import LutqError
 from lutq.kernels.layout import TILE_M
-from lutq.kernels.lut import (ISA, PREFETCH_BYTES, TABLE_MAX, Tables, store_rows, check_group, plane_byte,
+from lutq.kernels.lut import (ISA, PREFETCH_BYTES, TABLE_MAX, Tables, TableSet, store_rows, check_group, plane_byte,
                               run_tiles)
 from lutq.kernels.simd import (
     broadcast16_pair,
@@ -289,7 +289,7 @@ def _nf4_plain_tiles(packed, scales, tables, tscales, t0, t1, out):
                 out[n, TILE_M * t + r] = acc
 
 
-class CodebookTables:
+class CodebookTables(TableSet):
     """Tables for the codebook layout: nf4 (16 levels) gets a table per activation, T_k[j] = cb[j] x_k; nf2 (4 levels,
     layout.pack_codebook_pairs) a table per activation pair, T_i[j] = cb[j & 3] x_2i + cb[j >> 2] x_2i+1. int8 with
     one scale per group (exact=True: fp32)."""
@@ -305,11 +305,9 @@ class CodebookTables:
         self.tables = np.zeros((tokens, k // (4 * self.span), 4, 16), np.float32 if exact else np.int8)
         self.tscales = np.zeros((tokens, k // group), np.float32)
 
-    def build(self, x: np.ndarray) -> None:
-        if x.dtype != np.float32 or x.shape != (self.tables.shape[0], self.k):
-            raise LutqError(f"activations {x.dtype}{list(x.shape)} do not match tables for "
-                            f"f32[{self.tables.shape[0]}, {self.k}]")
-        build_codebook_tables(x, self.codebook, self.group, self.span, not self.exact, self.tables, self.tscales)
+    def builder(self, x: np.ndarray):
+        return build_codebook_tables, (x, self.codebook, self.group, self.span, not self.exact, self.tables,
+                                       self.tscales)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

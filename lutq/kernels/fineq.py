@@ -28,7 +28,7 @@ from numba import njit, prange
 
 from lutq.errors import LutqError
 from lutq.kernels.layout import TILE_M
-from lutq.kernels.lut import ISA, PREFETCH_BYTES, TABLE_MAX, store_rows, check_group, run_tiles
+from lutq.kernels.lut import ISA, PREFETCH_BYTES, TABLE_MAX, TableSet, store_rows, check_group, run_tiles
 from lutq.kernels.simd import (
     broadcast16_x32,
     fma_f32,
@@ -126,7 +126,7 @@ def _build(x, group, tables, tscales, quantize):
                     _cluster_tables(np.float64(x[n, 3 * c]), x1, x2, inv, quantize, tables[n, c])
 
 
-class ClusterTables:
+class ClusterTables(TableSet):
     """fineq's activation tables: five 16-entry tables per cluster of 3 activations, int8 per group (or fp32)."""
 
     def __init__(self, k: int, group: int, tokens: int = 1, exact: bool = False):
@@ -136,11 +136,8 @@ class ClusterTables:
         self.tables = np.zeros((tokens, -(-k // 3), 5, 16), np.float32 if exact else np.int8)
         self.tscales = np.zeros((tokens, k // group, -(-(group // 3 + 1) // BLOCK)), np.float32)
 
-    def build(self, x: np.ndarray) -> None:
-        if x.dtype != np.float32 or x.shape != (self.tables.shape[0], self.k):
-            raise LutqError(f"activations {x.dtype}{list(x.shape)} do not match tables for "
-                            f"f32[{self.tables.shape[0]}, {self.k}]")
-        _build(x, self.group, self.tables, self.tscales, not self.exact)
+    def builder(self, x: np.ndarray):
+        return _build, (x, self.group, self.tables, self.tscales, not self.exact)
 
 
 @njit(cache=True, inline="always")
