@@ -73,3 +73,31 @@ def test_bitnet_ternary_stays_exact_and_runs_on_the_kernels(tmp_path):
     with torch.no_grad():
         ref = model(torch.tensor(ids)[None]).logits[0].double().numpy()
     assert rel_err(load_model(ckpt, 32).forward(ids, all_logits=True), ref) <= 0.05
+
+
+MIXED_RULES = {  # every kind of decode call: each table kind, stacked and split q/k/v, BLAS parts, epilogues
+    "llama": "int4,*.k_proj=nf4,*.v_proj=ternary,*.o_proj=fineq,*.up_proj=int8,lm_head=int6k",
+    "qwen2-bias": "int3,*.q_proj=nf3,*.gate_proj=int8,*.down_proj=int2k,lm_head=fp16",  # q/k/v biases
+    "llama-tied": "int4k,lm_head=fp16",  # the tied head: the fp32 embedding through BLAS
+}
+
+
+@pytest.mark.parametrize("variant", sorted(MIXED_RULES))
+def test_recorded_decode_step_is_the_forward_pass(tiny_models, tmp_path, variant):
+    """A single-token forward runs the recorded step (lutq/runtime/decode_step.py); forward(..., all_logits=True) runs
+    the same token through the plain forward pass. Both must agree, token after token, on fresh and reset caches."""
+    src, model = tiny_models(variant)
+    ckpt = quantized(src, tmp_path / "q", MIXED_RULES[variant])
+    stepped, plain = load_model(ckpt, 64), load_model(ckpt, 64)
+    ids = np.random.default_rng(7).integers(0, model.config.vocab_size, 30)
+    for round_ in range(2):  # the second round after reset(): the recorded step is reused
+        stepped.reset()
+        plain.reset()
+        stepped.forward(ids[:6])
+        plain.forward(ids[:6])
+        for tok in ids[6:]:
+            got, ref = stepped.forward(np.array([tok])), plain.forward(np.array([tok]), all_logits=True)[0]
+            assert np.allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+            assert stepped.pos == plain.pos
+    assert stepped.step is not None and plain.step is None
+    assert not np.shares_memory(stepped.forward(ids[:1]), stepped.step.logits)  # a copy: the buffer is reused

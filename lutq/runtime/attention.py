@@ -46,7 +46,7 @@ class KVCache:
         T, P = qkv.shape[0], self.pos
         if T == 1:  # decode: one compiled pass instead of a dozen small numpy calls
             out = np.empty((1, H * hd), np.float32)
-            decode_attention(qkv[0], self.k[layer], self.v[layer], self.cos[P], self.sin[P], P, self.scores, out[0])
+            decode_attention(qkv[0], self.k[layer], self.v[layer], self.cos, self.sin, P, self.scores, out[0])
             return out
         S, G = P + T, H // KV
         q = np.ascontiguousarray(qkv[:, : H * hd]).reshape(T, H, hd)

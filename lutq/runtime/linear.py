@@ -3,6 +3,7 @@ the same call: layer(x: f32[T, in]) -> f32[T, out], with `in_features`, `out_fea
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import numpy as np
@@ -13,6 +14,13 @@ class Linear(Protocol):
     out_features: int
 
     def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+    def decode_calls(self, x: np.ndarray, out: np.ndarray, built: dict) -> tuple[list, list]:
+        """For the recorded decode step (decode_step.py): argument-free calls computing out = layer(x) from x's
+        contents at call time, x: f32[1, in], out: f32[1, out] (C-contiguous buffers that stay put). Returned as
+        (prepare, product): input-side work (activation tables, skipped when `built` already holds this input's
+        tables of that kind) and the matrix product with its epilogue."""
+        ...
 
 
 class DenseLinear:
@@ -29,6 +37,12 @@ class DenseLinear:
         if self.bias is not None:
             y += self.bias
         return y
+
+    def decode_calls(self, x: np.ndarray, out: np.ndarray, built: dict) -> tuple[list, list]:
+        product = [functools.partial(np.matmul, x, self.weight.T, out=out)]
+        if self.bias is not None:
+            product.append(functools.partial(np.add, out, self.bias, out=out))
+        return [], product
 
     @property
     def nbytes(self) -> int:

@@ -17,7 +17,9 @@ import numpy as np
 from lutq.checkpoint.base import Checkpoint
 from lutq.config import ModelConfig
 from lutq.errors import CheckpointError
+from lutq.kernels.lut import current_threads
 from lutq.runtime.attention import KVCache
+from lutq.runtime.decode_step import DecodeStep
 from lutq.runtime.linear import DenseLinear, Linear
 from lutq.runtime.ops import rms_norm_into, silu_mul_into
 
@@ -55,6 +57,7 @@ class LlamaModel:
         self.norm = norm  # f32[D]
         self.lm_head = lm_head  # D -> V (the embedding itself, in fp32, when tied)
         self.cache = KVCache(config, max_seq)
+        self.step = None  # the recorded decode step, made at the first single-token call
 
     @property
     def max_seq(self) -> int:
@@ -75,7 +78,10 @@ class LlamaModel:
         """Run tokens: i64[T] at the next T positions, appending their keys/values to the cache.
 
         Returns f32[T, V] logits when all_logits (perplexity, parity tests), else f32[V] for the last token only.
+        A single token (decode) runs this same math as a recorded step (decode_step.py).
         """
+        if len(tokens) == 1 and not all_logits:
+            return self.decode(int(tokens[0]))
         eps, T = self.config.rms_norm_eps, len(tokens)
         self.cache.check_room(T)
         mask = self.cache.causal_mask(T)  # f32[T, S] or None
@@ -91,6 +97,14 @@ class LlamaModel:
             x = x[-1:]
         logits = self.lm_head(rms_norm(x, self.norm, eps))  # f32[T or 1, V]
         return logits if all_logits else logits[0]
+
+
+    def decode(self, token: int) -> np.ndarray:
+        """forward([token]) -> f32[V] on preallocated buffers: decode_step.py."""
+        step = self.step
+        if step is None or step.threads != current_threads():
+            step = self.step = DecodeStep(self)
+        return step(token)
 
 
 class TensorSource:

@@ -15,6 +15,8 @@ Which kernel runs which format:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from lutq.kernels import codebook as cb_kernels
@@ -138,6 +140,20 @@ class QuantLinear:
         self.run(tables, out)
         return out
 
+    def decode_calls(self, x: np.ndarray, out: np.ndarray, built: dict) -> tuple[list, list]:
+        """Linear.decode_calls: the pool's one-token tables bound to x, the kernel bound to them and out."""
+        prepare = []
+        tables = built.get(self.table_key)
+        if tables is None:
+            tables = built[self.table_key] = self.pool.get(self.table_key, 1)
+            prepare.append(tables.bind(x))
+        product = [functools.partial(self.kernel(tables, out, bind=True), out)]
+        if self.post_scale is not None:
+            product.append(functools.partial(np.multiply, out, self.post_scale, out=out))
+        if self.bias is not None:
+            product.append(functools.partial(np.add, out, self.bias, out=out))
+        return prepare, product
+
     def stackable_with(self, other: "QuantLinear") -> bool:
         """Whether two layers over the same input can run as one kernel call: same kernel, tables and constants,
         and whole tiles (row counts a multiple of 32, so stacking tiles stacks rows)."""
@@ -198,6 +214,18 @@ class FusedLinear:
             part.run(tables, out)
             outs.append(out)
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
+
+
+    def decode_calls(self, x: np.ndarray, out: np.ndarray, built: dict) -> tuple[list, list]:
+        """Linear.decode_calls: each part writes its columns of out (a [1, n] slice is contiguous); parts reading
+        the same kind of tables share one build."""
+        prepare, product, col = [], [], 0
+        for part in self.parts:
+            part_prepare, part_product = part.decode_calls(x, out[:, col:col + part.out_features], built)
+            prepare += part_prepare
+            product += part_product
+            col += part.out_features
+        return prepare, product
 
 
 def make_linear(p: PackedTensor, bias: np.ndarray | None, pool: TablePool):
