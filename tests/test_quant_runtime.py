@@ -101,3 +101,19 @@ def test_recorded_decode_step_is_the_forward_pass(tiny_models, tmp_path, variant
             assert stepped.pos == plain.pos
     assert stepped.step is not None and plain.step is None
     assert not np.shares_memory(stepped.forward(ids[:1]), stepped.step.logits)  # a copy: the buffer is reused
+
+
+def test_recorded_bitnet_decode_step_is_the_forward_pass(tmp_path):
+    pytest.importorskip("torch")
+    from tiny import make_bitnet_model
+
+    model = make_bitnet_model(tmp_path / "bitnet")
+    ckpt = quantized(tmp_path / "bitnet", tmp_path / "q", "ternary,lm_head=int4")
+    stepped, plain = load_model(ckpt, 32), load_model(ckpt, 32)
+    ids = np.random.default_rng(8).integers(0, model.config.vocab_size, 20)
+    stepped.forward(ids[:4])
+    plain.forward(ids[:4])
+    for tok in ids[4:]:
+        got, ref = stepped.forward(np.array([tok])), plain.forward(np.array([tok]), all_logits=True)[0]
+        assert np.allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert stepped.step is not None

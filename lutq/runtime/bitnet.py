@@ -17,7 +17,9 @@ import numpy as np
 from lutq.checkpoint.base import Checkpoint
 from lutq.runtime.attention import KVCache
 from lutq.runtime.linear import Linear
+from lutq.runtime.decode_step import DecodeStep
 from lutq.runtime.llama import LlamaModel, TensorSource, context_length, llama_layer_parts, rms_norm
+from lutq.runtime.ops import add_rms_norm_into, fake_quant_int8, relu2_mul_into, rms_norm_into
 
 
 @dataclass
@@ -33,14 +35,16 @@ class BitNetLayer:
 
 
 def quantize_activations(x: np.ndarray) -> np.ndarray:
-    """Per-token symmetric int8 fake quantization: x -> round(x * s).clip(-128, 127) / s, s = 127 / max|x|."""
-    scale = 127.0 / np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-5)
-    return np.clip(np.round(x * scale), -128, 127) / scale
+    """Per-token symmetric int8 fake quantization: x -> round(x * s).clip(-128, 127) / s, s = 127 / max|x| (in place)."""
+    fake_quant_int8(x)
+    return x
 
 
 class BitNetModel(LlamaModel):
     def forward(self, tokens: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        """Like LlamaModel.forward: i64[T] -> f32[T, V] (all_logits) or f32[V]."""
+        """Like LlamaModel.forward: i64[T] -> f32[T, V] (all_logits) or f32[V]; one token runs the recorded step."""
+        if len(tokens) == 1 and not all_logits:
+            return self.decode(int(tokens[0]))
         eps, T = self.config.rms_norm_eps, len(tokens)
         self.cache.check_room(T)
         mask = self.cache.causal_mask(T)
@@ -52,14 +56,38 @@ class BitNetModel(LlamaModel):
             x = x + layer.o_proj(att)  # f32[T, D]
             h = quantize_activations(rms_norm(x, layer.post_attention_norm, eps))
             gate_up = layer.gate_up_proj(h)  # f32[T, 2F]
-            F = gate_up.shape[1] // 2
-            act = np.square(np.maximum(gate_up[:, :F], 0)) * gate_up[:, F:]  # (3) relu^2 ...
+            act = np.empty((T, gate_up.shape[1] // 2), np.float32)
+            relu2_mul_into(gate_up, act)  # (3) relu^2 ...
             x = x + layer.down_proj(quantize_activations(rms_norm(act, layer.ffn_sub_norm, eps)))  # ... ffn_sub_norm
         self.cache.pos += T
         if not all_logits:
             x = x[-1:]
         logits = self.lm_head(rms_norm(x, self.norm, eps))
         return logits if all_logits else logits[0]
+
+    def record_decode(self, step: DecodeStep) -> None:
+        """forward() for one token as the recorded step's calls (decode_step.py; LlamaModel.record_decode's order)."""
+        x, h, att, act, delta, eps = step.x, step.h, step.att, step.act, step.delta, step.eps
+        for i, layer in enumerate(self.layers):
+            if i == 0:
+                step.call(rms_norm_into, x, layer.input_norm, eps, h)
+            else:
+                step.call(add_rms_norm_into, x, delta, layer.input_norm, eps, h)
+            step.call(fake_quant_int8, h)  # (1)
+            step.linear(layer.qkv_proj, h, step.qkv)
+            step.attention(i)
+            step.call(rms_norm_into, att, layer.attn_sub_norm, eps, att)  # (2), in place
+            step.call(fake_quant_int8, att)
+            step.linear(layer.o_proj, att, delta)
+            step.call(add_rms_norm_into, x, delta, layer.post_attention_norm, eps, h)
+            step.call(fake_quant_int8, h)
+            step.linear(layer.gate_up_proj, h, step.gate_up)
+            step.call(relu2_mul_into, step.gate_up, act)  # (3)
+            step.call(rms_norm_into, act, layer.ffn_sub_norm, eps, act)
+            step.call(fake_quant_int8, act)
+            step.linear(layer.down_proj, act, delta)
+        step.call(add_rms_norm_into, x, delta, self.norm, eps, h)
+        step.linear(self.lm_head, h, step.logits)
 
 
 def load_bitnet(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True) -> BitNetModel:

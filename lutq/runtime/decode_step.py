@@ -5,7 +5,8 @@ matrix products: measured on SmolLM2-135M int2 (1 thread), ~28 us a layer of Pyt
 against ~9 us of norms, tables, attention and SiLU. This step runs the same operations in the same order on buffers
 allocated once, each call bound to its compiled entry point and its arguments when the step is recorded, so a token
 is `for call in calls: call()`. Recorded again when the thread count changes (kernels bind a serial or a parallel
-entry point).
+entry point). Each architecture records its own sequence beside its forward pass (`record_decode` in llama.py and
+bitnet.py): the two must say the same thing, and tests/test_quant_runtime.py checks that they compute the same.
 
 Buffers, one row each (D hidden, A = H hd, Q = A + 2 KV hd, F intermediate, V vocab):
 
@@ -17,8 +18,8 @@ Buffers, one row each (D hidden, A = H hd, Q = A + 2 KV hd, F intermediate, V vo
     gate_up f32[1, 2F] -> act f32[1, F] = silu(gate) * up: the input of down_proj
     logits f32[1, V]
 
-Per layer: norm (+ residual), qkv tables and product, attention (appends k and v at the cache's position), o tables
-and product, norm + residual, gate/up tables and product, SiLU, down tables and product.
+Per Llama layer: norm (+ residual), qkv tables and product, attention (appends k and v at the cache's position), o
+tables and product, norm + residual, gate/up tables and product, SiLU, down tables and product.
 """
 
 from __future__ import annotations
@@ -28,15 +29,12 @@ import functools
 import numpy as np
 
 from lutq.kernels.lut import compiled, current_threads
-from lutq.runtime.ops import add_rms_norm_into, decode_attention, rms_norm_into, silu_mul_into
-
-
-def bound(fn, *args):
-    """call() = fn(*args) through fn's compiled entry point."""
-    return functools.partial(compiled(fn, args), *args)
+from lutq.runtime.ops import decode_attention
 
 
 class DecodeStep:
+    """The buffers and the calls; the architecture's model says which calls, in order (its record_decode)."""
+
     def __init__(self, model):
         cfg, cache = model.config, model.cache
         D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
@@ -44,43 +42,33 @@ class DecodeStep:
         Q = A + 2 * cfg.num_key_value_heads * cfg.head_dim
         self.model = model
         self.threads = current_threads()
+        self.eps = np.float32(cfg.rms_norm_eps)
         self.x, self.h, self.delta = (np.zeros((1, D), np.float32) for _ in range(3))
         self.qkv, self.att = np.zeros((1, Q), np.float32), np.zeros((1, A), np.float32)
         self.gate_up, self.act = np.zeros((1, 2 * F), np.float32), np.zeros((1, F), np.float32)
         self.logits = np.zeros((1, V), np.float32)
-        eps = np.float32(cfg.rms_norm_eps)
-        x, h, delta, act = self.x, self.h, self.delta, self.act
-
         self.calls: list = []
         self.products: list[int] = []  # indices of the calls that are matrix products (scripts/profile_decode.py)
-        for i, layer in enumerate(model.layers):
-            if i == 0:
-                self.calls.append(bound(rms_norm_into, x, layer.input_norm, eps, h))
-            else:  # x += down_proj's output of the layer before
-                self.calls.append(bound(add_rms_norm_into, x, delta, layer.input_norm, eps, h))
-            self.linear(layer.qkv_proj, h, self.qkv)
-            self.calls.append(self.attention(i))
-            self.linear(layer.o_proj, self.att, delta)
-            self.calls.append(bound(add_rms_norm_into, x, delta, layer.post_attention_norm, eps, h))
-            self.linear(layer.gate_up_proj, h, self.gate_up)
-            self.calls.append(bound(silu_mul_into, self.gate_up, act))
-            self.linear(layer.down_proj, act, delta)
-        self.calls.append(bound(add_rms_norm_into, x, delta, model.norm, eps, h))
-        self.linear(model.lm_head, h, self.logits)
+        model.record_decode(self)
+
+    def call(self, fn, *args) -> None:
+        """Append fn(*args), bound now to fn's compiled entry point."""
+        self.calls.append(functools.partial(compiled(fn, args), *args))
 
     def linear(self, layer, x: np.ndarray, out: np.ndarray) -> None:
+        """Append out = layer(x): its table builds, then its product."""
         prepare, product = layer.decode_calls(x, out, {})
         self.calls += prepare
         self.products += range(len(self.calls), len(self.calls) + len(product))
         self.calls += product
 
-    def attention(self, i: int):
-        """Layer i's attention: the position is read at call time, everything else is bound now."""
+    def attention(self, i: int) -> None:
+        """Append layer i's attention from qkv into att; the position is read at call time, the rest bound now."""
         cache = self.model.cache
         args = (self.qkv[0], cache.k[i], cache.v[i], cache.cos, cache.sin, 0, cache.scores, self.att[0])
         attend = compiled(decode_attention, args)
         qkv, k, v, cos, sin, _, scores, att = args
-        return lambda: attend(qkv, k, v, cos, sin, cache.pos, scores, att)
+        self.calls.append(lambda: attend(qkv, k, v, cos, sin, cache.pos, scores, att))
 
     def __call__(self, token: int) -> np.ndarray:
         """The logits f32[V] after `token` at the cache's next position (a copy: the buffer is reused)."""

@@ -21,7 +21,7 @@ from lutq.kernels.lut import current_threads
 from lutq.runtime.attention import KVCache
 from lutq.runtime.decode_step import DecodeStep
 from lutq.runtime.linear import DenseLinear, Linear
-from lutq.runtime.ops import rms_norm_into, silu_mul_into
+from lutq.runtime.ops import add_rms_norm_into, rms_norm_into, silu_mul_into
 
 
 @dataclass
@@ -98,6 +98,24 @@ class LlamaModel:
         logits = self.lm_head(rms_norm(x, self.norm, eps))  # f32[T or 1, V]
         return logits if all_logits else logits[0]
 
+
+    def record_decode(self, step: DecodeStep) -> None:
+        """forward() for one token as the recorded step's calls, on its buffers (decode_step.py)."""
+        x, h, delta, eps = step.x, step.h, step.delta, step.eps
+        for i, layer in enumerate(self.layers):
+            if i == 0:
+                step.call(rms_norm_into, x, layer.input_norm, eps, h)
+            else:  # x += the layer before's down_proj output, then the norm
+                step.call(add_rms_norm_into, x, delta, layer.input_norm, eps, h)
+            step.linear(layer.qkv_proj, h, step.qkv)
+            step.attention(i)  # qkv -> att
+            step.linear(layer.o_proj, step.att, delta)
+            step.call(add_rms_norm_into, x, delta, layer.post_attention_norm, eps, h)
+            step.linear(layer.gate_up_proj, h, step.gate_up)
+            step.call(silu_mul_into, step.gate_up, step.act)
+            step.linear(layer.down_proj, step.act, delta)
+        step.call(add_rms_norm_into, x, delta, self.norm, eps, h)
+        step.linear(self.lm_head, h, step.logits)
 
     def decode(self, token: int) -> np.ndarray:
         """forward([token]) -> f32[V] on preallocated buffers: decode_step.py."""

@@ -2,7 +2,8 @@
 
 In a single-token step the matrix products are memory-bound and fast; what is left is a dozen small numpy calls per
 layer (norm, rotary embedding, attention over the cache, activation), each costing more in dispatch and temporaries
-than in arithmetic. These kernels do the same math in one pass each, into preallocated outputs.
+than in arithmetic. These kernels do the same math in one pass each, into preallocated outputs; the forward passes
+call them for any number of tokens, the recorded decode step (decode_step.py) on its own buffers.
 """
 
 from __future__ import annotations
@@ -117,3 +118,27 @@ def silu_mul_into(gate_up, out):  # pragma: no cover - compiled
             r = u - np.rint(u)
             exp_neg_g = out[t, f] * (c0 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * c5)))))
             out[t, f] = g / (np.float32(1.0) + exp_neg_g) * gate_up[t, F + f]
+
+
+@njit(cache=True, error_model="numpy")  # no fastmath: x / s must round as numpy's does (BitNet parity)
+def fake_quant_int8(x):  # pragma: no cover - compiled
+    """BitNet's activation quantization, in place per row of x: f32[T, D]: x -> clip(rint(x s), -128, 127) / s with
+    s = 127 / max(max|x|, 1e-5)."""
+    T, D = x.shape
+    for t in range(T):
+        peak = np.float32(1e-5)
+        for d in range(D):
+            peak = max(peak, abs(x[t, d]))
+        s = np.float32(127.0) / peak
+        for d in range(D):
+            x[t, d] = min(max(np.rint(x[t, d] * s), np.float32(-128.0)), np.float32(127.0)) / s
+
+
+@njit(cache=True, fastmath=True)
+def relu2_mul_into(gate_up, out):  # pragma: no cover - compiled
+    """out[t] = relu(gate)^2 * up for gate_up: f32[T, 2F] = [gate | up] (BitNet's MLP activation)."""
+    T, F = out.shape
+    for t in range(T):
+        for f in range(F):
+            g = max(gate_up[t, f], np.float32(0.0))
+            out[t, f] = g * g * gate_up[t, F + f]

@@ -65,8 +65,6 @@ class QuantLinear:
         self.format, self.group = p.format, p.group_size
         self.bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
         self.pool = pool
-        self.bound: dict[tuple, object] = {}  # decode kernel calls bound to their table buffers (run)
-        self.decode_tables = None
         self.post_scale = None  # per-tensor ternary: the exact fp32 scale, applied after the kernel
         a = p.arrays
         self.codes = np.ascontiguousarray(a["codes"])
@@ -107,20 +105,8 @@ class QuantLinear:
         return cb_kernels.gemv_nf_bitserial(self.codes, self.params, self.codebook, tables, out, bind=bind)
 
     def run(self, tables, out: np.ndarray) -> None:
-        """out: f32[N, out_features] from tables of the input (built by the caller).
-
-        One token (decode) reads the pool's persistent table buffers, so the kernel call is checked and bound once
-        per buffer and thread count, then made directly: per call that saves the checks and numba's argument typing,
-        ~10 us, which over a 30-layer model's 120 calls is a fifth of a SmolLM2 token."""
-        if out.shape[0] == 1:
-            key = (id(tables), lut.current_threads())
-            call = self.bound.get(key)
-            if call is None:
-                self.bound[key] = self.kernel(tables, out, bind=True)
-            else:
-                call(out)
-        else:
-            self.kernel(tables, out)
+        """out: f32[N, out_features] from tables of the input (built by the caller)."""
+        self.kernel(tables, out)
         if self.post_scale is not None:
             out *= self.post_scale
         if self.bias is not None:
@@ -129,12 +115,7 @@ class QuantLinear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x: f32[N, K] -> f32[N, out_features]."""
         x = np.ascontiguousarray(x, np.float32)
-        if x.shape[0] == 1:  # decode: the pool's one-token tables, looked up once (the key hashes a codebook)
-            tables = self.decode_tables
-            if tables is None:
-                tables = self.decode_tables = self.pool.get(self.table_key, 1)
-        else:
-            tables = self.pool.get(self.table_key, x.shape[0])
+        tables = self.pool.get(self.table_key, x.shape[0])
         tables.build(x)
         out = np.empty((x.shape[0], self.out_features), np.float32)
         self.run(tables, out)
@@ -169,7 +150,6 @@ class QuantLinear:
         Copies the parts' codes once at load; per token it saves a kernel call and a concatenation per part."""
         merged = object.__new__(cls)
         merged.__dict__.update(parts[0].__dict__)
-        merged.bound, merged.decode_tables = {}, None
         merged.codes = np.concatenate([p.codes for p in parts], axis=0)
         merged.params = np.concatenate([p.params for p in parts], axis=0)
         merged.out_features = sum(p.out_features for p in parts)
