@@ -117,3 +117,26 @@ def test_recorded_bitnet_decode_step_is_the_forward_pass(tmp_path):
         got, ref = stepped.forward(np.array([tok])), plain.forward(np.array([tok]), all_logits=True)[0]
         assert np.allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     assert stepped.step is not None
+
+
+def test_one_recorded_step_per_thread_count(tiny_models, tmp_path):
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 numba threads")
+    src, _ = tiny_models("llama")
+    net = load_model(quantized(src, tmp_path / "q", "int4"), 32)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = net.forward(np.array([3]))
+        first = net.step
+        numba.set_num_threads(2)
+        net.reset()
+        assert np.array_equal(net.forward(np.array([3])), one)  # tiny layers stay serial: the same numbers
+        assert net.step is not first and net.step.threads == 2
+        numba.set_num_threads(1)
+        net.forward(np.array([4]))
+        assert net.step is first  # recorded once per thread count, reused
+    finally:
+        numba.set_num_threads(before)

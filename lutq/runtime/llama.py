@@ -57,7 +57,8 @@ class LlamaModel:
         self.norm = norm  # f32[D]
         self.lm_head = lm_head  # D -> V (the embedding itself, in fp32, when tied)
         self.cache = KVCache(config, max_seq)
-        self.step = None  # the recorded decode step, made at the first single-token call
+        self.steps: dict[int, DecodeStep] = {}  # recorded decode steps by thread count, made at first use
+        self.step = None  # the one in use
 
     @property
     def max_seq(self) -> int:
@@ -119,10 +120,10 @@ class LlamaModel:
 
     def decode(self, token: int) -> np.ndarray:
         """forward([token]) -> f32[V] on preallocated buffers: decode_step.py."""
-        step = self.step
-        if step is None or step.threads != current_threads():
-            step = self.step = DecodeStep(self)
-        return step(token)
+        threads = current_threads()
+        if self.step is None or self.step.threads != threads:  # kernels bind a serial or a parallel entry point
+            self.step = self.steps.get(threads) or self.steps.setdefault(threads, DecodeStep(self))
+        return self.step(token)
 
 
 class TensorSource:
