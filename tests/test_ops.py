@@ -1,9 +1,13 @@
-"""The decode step's small compiled operations (lutq/runtime/ops.py) against float64 numpy."""
+"""The decode step's compiled operations (lutq/runtime/ops.py) against float64 numpy, attention also against the
+prefill path."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from lutq.config import ModelConfig
+from lutq.runtime.attention import KVCache
 from lutq.runtime.ops import add_rms_norm_into, rms_norm_into, silu_mul_into
 
 
@@ -42,3 +46,45 @@ def test_add_rms_norm_is_the_residual_then_the_norm():
     np.testing.assert_allclose(x, want_x, rtol=1e-6)  # x updated in place
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out, plain, rtol=1e-6, atol=1e-7)
+
+
+def attention_reference(qkv: np.ndarray, cfg, cos, sin) -> np.ndarray:
+    """Causal GQA attention in float64 over all positions: qkv f32[T, (H + 2KV) hd] -> f32[T, H hd]."""
+    H, KV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    T, half = qkv.shape[0], hd // 2
+    x = qkv.astype(np.float64).reshape(T, H + 2 * KV, hd)
+    c, s = cos[:T, None, :].astype(np.float64), sin[:T, None, :].astype(np.float64)
+    rot = np.concatenate([x[..., :half] * c - x[..., half:] * s, x[..., half:] * c + x[..., :half] * s], -1)
+    q, k, v = rot[:, :H], rot[:, H:H + KV], x[:, H + KV:]
+    out = np.empty((T, H, hd))
+    for h in range(H):
+        scores = q[:, h] @ k[:, h // (H // KV)].T / np.sqrt(hd)  # [T, T]
+        scores[np.triu_indices(T, 1)] = -np.inf
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        out[:, h] = (p / p.sum(-1, keepdims=True)) @ v[:, h // (H // KV)]
+    return out.reshape(T, H * hd)
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 2, 16), (4, 4, 128), (8, 2, 36)])
+def test_decode_attention_matches_prefill_and_float64(heads, kv_heads, head_dim):
+    """One token at a time (decode_attention, keys in blocks of 32 positions) against the whole sequence at once
+    (numpy prefill) and float64, across block boundaries (positions 0..69), for head sizes that are and are not
+    whole vectors of 32."""
+    cfg = ModelConfig(model_type="llama", vocab_size=10, hidden_size=heads * head_dim, intermediate_size=8,
+                      num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=128)
+    T = 70
+    qkv = np.random.default_rng(2).standard_normal((T, (heads + 2 * kv_heads) * head_dim)).astype(np.float32)
+    stepped, whole = KVCache(cfg, 100), KVCache(cfg, 100)
+    got = []
+    for t in range(T):
+        stepped.pos = t  # attend appends at pos; the model's forward advances it
+        got.append(stepped.attend(1, qkv[t:t + 1], None))
+    got = np.concatenate(got)
+    want = whole.attend(1, qkv, whole.causal_mask(T))
+    ref = attention_reference(qkv, cfg, whole.cos, whole.sin)
+    np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(want, ref, atol=2e-5 * np.abs(ref).max())
+    # the same cache whichever path wrote it (rotated keys to f32 rounding: numba contracts the rotation into FMAs)
+    np.testing.assert_allclose(stepped.k[1], whole.k[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(stepped.v[1], whole.v[1])

@@ -278,6 +278,7 @@ def _loader(vecty):
 
 load_i8x64 = _loader(i8x64)  # 64 bytes of a u8/i8 array
 load_i8x32 = _loader(i8x32)
+load_f32x32 = _loader(f32x32)  # 32 floats of an f32 array (index into its flat data)
 
 
 @intrinsic

@@ -18,13 +18,15 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, max_seq: int):
         self.max_seq = max_seq
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        shape = (cfg.num_hidden_layers, self.kv_heads, max_seq, self.head_dim)
-        # [layer, kv head, position, hd]: one head's keys are contiguous, so q @ K^T reads them in one sweep.
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        blocks = -(-max_seq // 32)
+        # Keys [layer, kv head, block, hd, 32]: positions in blocks of 32, each block transposed (ops.py draws it);
+        # values [layer, kv head, position, hd].
+        self.k = np.zeros((cfg.num_hidden_layers, self.kv_heads, blocks, self.head_dim, 32), np.float32)
+        self.v = np.zeros((cfg.num_hidden_layers, self.kv_heads, max_seq, self.head_dim), np.float32)
         self.cos, self.sin = rope_tables(cfg, max_seq)  # f32[max_seq, hd/2]
         self.pos = 0  # positions filled
-        self.scores = np.empty(max_seq, np.float32)  # decode scratch
+        self.scores = np.zeros(self.heads // self.kv_heads * blocks * 32, np.float32)  # decode scratch
+        self.exponent = np.zeros(blocks * 32, np.int32)
 
     def check_room(self, n: int) -> None:
         if self.pos + n > self.max_seq:
@@ -46,7 +48,8 @@ class KVCache:
         T, P = qkv.shape[0], self.pos
         if T == 1:  # decode: one compiled pass instead of a dozen small numpy calls
             out = np.empty((1, H * hd), np.float32)
-            decode_attention(qkv[0], self.k[layer], self.v[layer], self.cos, self.sin, P, self.scores, out[0])
+            decode_attention(qkv[0], self.k[layer], self.v[layer], self.cos, self.sin, P, self.scores, self.exponent,
+                             out[0])
             return out
         S, G = P + T, H // KV
         q = np.ascontiguousarray(qkv[:, : H * hd]).reshape(T, H, hd)
@@ -54,12 +57,15 @@ class KVCache:
         v = qkv[:, (H + KV) * hd :].reshape(T, KV, hd)
         apply_rope(q, self.cos[P:S], self.sin[P:S])
         apply_rope(k, self.cos[P:S], self.sin[P:S])
-        self.k[layer, :, P:S] = k.transpose(1, 0, 2)  # [KV, T, hd]
+        positions = np.arange(P, S)
+        self.k[layer][:, positions // 32, :, positions % 32] = k  # k: [T, KV, hd] into [KV, block, hd, lane]
         self.v[layer, :, P:S] = v.transpose(1, 0, 2)
-        keys, values = self.k[layer, :, :S], self.v[layer, :, :S]  # f32[KV, S, hd]
+        blocks = -(-S // 32)
+        keys = self.k[layer, :, :blocks].transpose(0, 2, 1, 3).reshape(KV, hd, 32 * blocks)[:, :, :S]  # [KV, hd, S]
+        values = self.v[layer, :, :S]  # f32[KV, S, hd]
         # The G query heads sharing a key/value head form one batch: [KV, G*T, hd], rows ordered (g, t).
         qg = q.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)
-        scores = qg @ keys.transpose(0, 2, 1)  # f32[KV, G*T, S]
+        scores = qg @ keys  # f32[KV, G*T, S]
         scores *= 1.0 / np.sqrt(hd)
         if mask is not None:
             scores = scores.reshape(KV, G, T, S)

@@ -65,10 +65,11 @@ class DecodeStep:
     def attention(self, i: int) -> None:
         """Append layer i's attention from qkv into att; the position is read at call time, the rest bound now."""
         cache = self.model.cache
-        args = (self.qkv[0], cache.k[i], cache.v[i], cache.cos, cache.sin, 0, cache.scores, self.att[0])
+        args = (self.qkv[0], cache.k[i], cache.v[i], cache.cos, cache.sin, 0, cache.scores, cache.exponent,
+                self.att[0])
         attend = compiled(decode_attention, args)
-        qkv, k, v, cos, sin, _, scores, att = args
-        self.calls.append(lambda: attend(qkv, k, v, cos, sin, cache.pos, scores, att))
+        qkv, k, v, cos, sin, _, scores, exponent, att = args
+        self.calls.append(lambda: attend(qkv, k, v, cos, sin, cache.pos, scores, exponent, att))
 
     def __call__(self, token: int) -> np.ndarray:
         """The logits f32[V] after `token` at the cache's next position (a copy: the buffer is reused)."""

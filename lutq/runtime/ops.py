@@ -13,6 +13,8 @@ import math
 import numpy as np
 from numba import njit
 
+from lutq.kernels.simd import fma_f32, load_f32x32, splat_f32, store_f32x32, vadd, zeros_f32x32
+
 
 @njit(cache=True, fastmath=True)
 def rms_norm_into(x, weight, eps, out):  # pragma: no cover - compiled
@@ -41,83 +43,147 @@ def add_rms_norm_into(x, delta, weight, eps, out):  # pragma: no cover - compile
             out[t, d] = x[t, d] * r * weight[d]
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")  # numpy's: a NaN from an overflowed model flows on, no raise
-def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, scores, out):  # pragma: no cover - compiled
-    """One token's attention, appending its key and value to the cache.
-
-    qkv: f32[(H + 2KV) * hd] (q, k, v side by side, not yet rotated); k_cache, v_cache: f32[KV, max_seq, hd] (this
-    layer's); cos, sin: f32[max_seq, hd/2], rows by position; scores: f32[S] scratch; out: f32[H * hd].
-    Rotation pairs element i with i + hd/2 of each head (HF's rotate_half).
-    """
-    KV, _, hd = k_cache.shape
-    H = qkv.shape[0] // hd - 2 * KV
-    G, half, S = H // KV, hd // 2, pos + 1
-    for j in range(KV):  # rotate and store k, store v
-        kb, vb = (H + j) * hd, (H + KV + j) * hd
-        for i in range(half):
-            a, b = qkv[kb + i], qkv[kb + half + i]
-            k_cache[j, pos, i] = a * cos[pos, i] - b * sin[pos, i]
-            k_cache[j, pos, half + i] = b * cos[pos, i] + a * sin[pos, i]
-        for i in range(hd):
-            v_cache[j, pos, i] = qkv[vb + i]
-    inv = np.float32(1.0 / math.sqrt(hd))
-    q = np.empty(hd, np.float32)
-    for h in range(H):
-        j = h // G
-        qb = h * hd
-        for i in range(half):
-            a, b = qkv[qb + i], qkv[qb + half + i]
-            q[i] = (a * cos[pos, i] - b * sin[pos, i]) * inv
-            q[half + i] = (b * cos[pos, i] + a * sin[pos, i]) * inv
-        m = np.float32(-np.inf)
-        for s in range(S):
-            acc = np.float32(0.0)
-            for i in range(hd):
-                acc += q[i] * k_cache[j, s, i]
-            scores[s] = acc
-            m = max(m, acc)
-        total = np.float32(0.0)
-        for s in range(S):
-            e = np.exp(scores[s] - m)
-            scores[s] = e
-            total += e
-        for i in range(hd):
-            out[h * hd + i] = 0.0
-        for s in range(S):
-            p = scores[s] / total
-            for i in range(hd):
-                out[h * hd + i] += p * v_cache[j, s, i]
-
-
 # 2^r for r in [-1/2, 1/2], degree 5: a least-squares fit of the relative error at 2,000 Chebyshev nodes (numpy,
 # float64), rounded to f32; max relative error 8e-8, about f32's half ulp.
 EXP2_POLY = tuple(np.float32(c) for c in (1.0000001192092896, 0.6931469440460205, 0.24022121727466583,
                                            0.05550742521882057, 0.009675459936261177, 0.0013266970636323094))
 LOG2E = np.float32(1.4426950408889634)
 
+# A vectorisable 2^u, used in two passes over an array (libm's exp keeps a loop scalar): 2^u = 2^n 2^r with
+# n = rint(u), |r| <= 1/2. The first pass writes the f32 bits of 2^n into an int32 array, the second reads them back
+# as f32 through a view and multiplies by the polynomial 2^r. u is clamped to [-126, 126]: 2^n stays a normal f32.
+
+
+@njit(inline="always")
+def exp2_exponent_bits(u):  # pragma: no cover - compiled
+    """The f32 bits of 2^rint(u)."""
+    u = min(max(u, np.float32(-126.0)), np.float32(126.0))
+    return (np.int32(np.rint(u)) + 127) << 23
+
+
+@njit(inline="always")
+def exp2_fraction(u):  # pragma: no cover - compiled
+    """2^(u - rint(u))."""
+    c0, c1, c2, c3, c4, c5 = EXP2_POLY
+    u = min(max(u, np.float32(-126.0)), np.float32(126.0))
+    r = u - np.rint(u)
+    return c0 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * c5))))
+
+
+# Decode attention over the cache (one token, all heads). The keys are stored in blocks of 32 positions:
+#
+#   k_cache[kv head, block, i, lane] = key element i of position 32 block + lane      (8 KB a block at hd = 64)
+#
+# so 32 positions' scores are one f32x32 accumulator: hd fused multiply-adds of a contiguous 32-float row by a splat
+# query element, no horizontal sums (four accumulators in flight: an FMA's latency is four issue slots). The values
+# stay position-major, v_cache[kv head, position, i]: 32 output elements of a head are one accumulator over positions.
+# The G query heads sharing a key/value head go through each block while it is in L1, so the cache is read from
+# memory once per token, not G times. Scores of positions past the last in a block are computed and never read.
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")  # numpy's: a NaN from an overflowed model flows on, no raise
+def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, scores, exponent, out):  # pragma: no cover - compiled
+    """One token's attention at position `pos`, appending its key and value to the cache.
+
+    qkv: f32[(H + 2KV) * hd] (q, k, v side by side, not yet rotated); k_cache: f32[KV, NB, hd, 32] (this layer's, in
+    blocks as drawn above); v_cache: f32[KV, max_seq, hd]; cos, sin: f32[max_seq, hd/2], rows by position; scores:
+    f32[G * NB * 32] and exponent: i32[NB * 32], scratch; out: f32[H * hd]. Rotation pairs element i with i + hd/2 of
+    each head (HF's rotate_half).
+    """
+    KV, NB, hd, _ = k_cache.shape
+    H = qkv.shape[0] // hd - 2 * KV
+    G, half, S, M, P = H // KV, hd // 2, pos + 1, v_cache.shape[1], NB * 32
+    last, lane = pos // 32, pos % 32
+    for j in range(KV):  # rotate and store k, store v
+        kb, vb = (H + j) * hd, (H + KV + j) * hd
+        for i in range(half):
+            a, b = qkv[kb + i], qkv[kb + half + i]
+            k_cache[j, last, i, lane] = a * cos[pos, i] - b * sin[pos, i]
+            k_cache[j, last, half + i, lane] = b * cos[pos, i] + a * sin[pos, i]
+        for i in range(hd):
+            v_cache[j, pos, i] = qkv[vb + i]
+    inv = np.float32(1.0 / math.sqrt(hd))
+    q = np.empty(G * hd, np.float32)
+    bits = exponent[:S]
+    powers = bits.view(np.float32)
+    for j in range(KV):
+        for g in range(G):  # the G rotated queries, scaled by 1/sqrt(hd)
+            qb, qg = (j * G + g) * hd, g * hd
+            for i in range(half):
+                a, b = qkv[qb + i], qkv[qb + half + i]
+                q[qg + i] = (a * cos[pos, i] - b * sin[pos, i]) * inv
+                q[qg + half + i] = (b * cos[pos, i] + a * sin[pos, i]) * inv
+        for blk in range(last + 1):  # scores[g * P + s] = q_g . key_s
+            kbase = (j * NB + blk) * hd * 32
+            for g in range(G):
+                acc0 = acc1 = acc2 = acc3 = zeros_f32x32()
+                qg = g * hd
+                for i in range(0, hd - 3, 4):
+                    row = kbase + i * 32
+                    acc0 = fma_f32(load_f32x32(k_cache, row), splat_f32(q[qg + i]), acc0)
+                    acc1 = fma_f32(load_f32x32(k_cache, row + 32), splat_f32(q[qg + i + 1]), acc1)
+                    acc2 = fma_f32(load_f32x32(k_cache, row + 64), splat_f32(q[qg + i + 2]), acc2)
+                    acc3 = fma_f32(load_f32x32(k_cache, row + 96), splat_f32(q[qg + i + 3]), acc3)
+                for i in range(hd - hd % 4, hd):
+                    acc0 = fma_f32(load_f32x32(k_cache, kbase + i * 32), splat_f32(q[qg + i]), acc0)
+                store_f32x32(scores, g * P + blk * 32, vadd(vadd(acc0, acc1), vadd(acc2, acc3)))
+        for g in range(G):  # softmax: the scores become the value rows' weights
+            row = scores[g * P:g * P + S]
+            m = np.float32(-np.inf)
+            for s in range(row.shape[0]):
+                if row[s] > m:
+                    m = row[s]
+            for s in range(row.shape[0]):
+                bits[s] = exp2_exponent_bits((row[s] - m) * LOG2E)
+            total = np.float32(0.0)
+            for s in range(row.shape[0]):
+                row[s] = powers[s] * exp2_fraction((row[s] - m) * LOG2E)
+                total += row[s]
+            r = np.float32(1.0) / total
+            for s in range(row.shape[0]):
+                row[s] *= r
+        heads = out[j * G * hd:(j + 1) * G * hd]
+        heads[:] = 0.0
+        for s0 in range(0, S, 32):  # out_g = sum_s weight_gs value_s, 32 positions (8 KB) at a time for all G
+            s1 = min(s0 + 32, S)
+            for g in range(G):
+                w, o = g * P, (j * G + g) * hd
+                if hd % 32:  # no whole vectors along hd: plain loops
+                    for s in range(s0, s1):
+                        p, vals = scores[w + s], v_cache[j, s]
+                        for i in range(hd):
+                            out[o + i] += p * vals[i]
+                    continue
+                for c in range(0, hd, 32):
+                    acc0 = acc1 = acc2 = acc3 = zeros_f32x32()
+                    for s in range(s0, s1 - 3, 4):
+                        row = (j * M + s) * hd + c
+                        acc0 = fma_f32(load_f32x32(v_cache, row), splat_f32(scores[w + s]), acc0)
+                        acc1 = fma_f32(load_f32x32(v_cache, row + hd), splat_f32(scores[w + s + 1]), acc1)
+                        acc2 = fma_f32(load_f32x32(v_cache, row + 2 * hd), splat_f32(scores[w + s + 2]), acc2)
+                        acc3 = fma_f32(load_f32x32(v_cache, row + 3 * hd), splat_f32(scores[w + s + 3]), acc3)
+                    for s in range(s1 - (s1 - s0) % 4, s1):
+                        acc0 = fma_f32(load_f32x32(v_cache, (j * M + s) * hd + c), splat_f32(scores[w + s]), acc0)
+                    acc = vadd(vadd(acc0, acc1), vadd(acc2, acc3))
+                    store_f32x32(out, o + c, vadd(load_f32x32(out, o + c), acc))
+
 
 @njit(cache=True, fastmath=True, error_model="numpy")  # an overflowed activation gives inf/NaN, not an exception
 def silu_mul_into(gate_up, out):  # pragma: no cover - compiled
     """out[t] = silu(gate) * up = gate / (1 + exp(-gate)) * up for gate_up: f32[T, 2F] = [gate | up].
 
-    exp(-g) = 2^n 2^r with n = rint(-g log2 e) and |r| <= 1/2: 2^n is built in the exponent bits of an f32 (written
-    into out first, read back as f32 in the second loop), 2^r by polynomial. Unlike libm's exp, both loops vectorise
-    (F = 1536: 1.2 instead of 4 us, decode runs it once a layer). Relative error: below 6e-7 for |g| <= 10, 4e-6
+    exp(-g) in two passes, exp2_exponent_bits into out's bits, then exp2_fraction: unlike libm's exp, both loops
+    vectorise (F = 1536: 1.2 instead of 4 us, decode runs it once a layer). Relative error: below 6e-7 for |g| <= 10, 4e-6
     out to |g| = 87 (the f32 rounding of -g log2 e grows with |g|; libm reduces the range in extra precision).
     -g log2 e is clamped to [-126, 126], so 2^n stays a normal f32: silu(g) for g < -87 comes out tiny, not 0."""
-    c0, c1, c2, c3, c4, c5 = EXP2_POLY
     T, F = out.shape
     exponent = out.view(np.int32)
     for t in range(T):
         for f in range(F):
-            u = min(max(-gate_up[t, f] * LOG2E, np.float32(-126.0)), np.float32(126.0))
-            exponent[t, f] = (np.int32(np.rint(u)) + 127) << 23  # the f32 bits of 2^n
+            exponent[t, f] = exp2_exponent_bits(-gate_up[t, f] * LOG2E)
         for f in range(F):
             g = gate_up[t, f]
-            u = min(max(-g * LOG2E, np.float32(-126.0)), np.float32(126.0))
-            r = u - np.rint(u)
-            exp_neg_g = out[t, f] * (c0 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * c5)))))
-            out[t, f] = g / (np.float32(1.0) + exp_neg_g) * gate_up[t, F + f]
+            out[t, f] = g / (np.float32(1.0) + out[t, f] * exp2_fraction(-g * LOG2E)) * gate_up[t, F + f]
 
 
 @njit(cache=True, error_model="numpy")  # no fastmath: x / s must round as numpy's does (BitNet parity)
