@@ -49,7 +49,8 @@ def quantized_copy(model: str, fmt: str, group_size: int, on_status=None) -> str
     return str(out)
 
 
-def worker(model: str, threads: list[int], prompt_tokens: int, gen_tokens: int, repeats: int) -> list[dict]:
+def worker(model: str, threads: list[int], prompt_tokens: int, gen_tokens: int, repeats: int,
+           kv_cache: str = "f32") -> list[dict]:
     """Runs in its own process: load `model`, measure each thread count `repeats` times, interleaved."""
     import numba
     import numpy as np
@@ -59,7 +60,7 @@ def worker(model: str, threads: list[int], prompt_tokens: int, gen_tokens: int, 
 
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model)
-    net = load_model(ckpt, prompt_tokens + gen_tokens + 1)
+    net = load_model(ckpt, prompt_tokens + gen_tokens + 1, kv_cache=kv_cache)
     load_s = time.perf_counter() - t0
     prompt = np.random.default_rng(0).integers(0, net.config.vocab_size, prompt_tokens)
     params = sum(int(np.prod(t.shape)) for t in ckpt.tensors())
@@ -96,7 +97,7 @@ def worker(model: str, threads: list[int], prompt_tokens: int, gen_tokens: int, 
 
 
 def run(model: str, formats: list[str], threads: list[int], prompt_tokens: int, gen_tokens: int, repeats: int,
-        group_size: int = 64, on_status=None) -> list[dict]:
+        group_size: int = 64, on_status=None, kv_cache: str = "f32") -> list[dict]:
     """One record per (format, threads), in the order given."""
     records = []
     for fmt in formats:
@@ -106,12 +107,12 @@ def run(model: str, formats: list[str], threads: list[int], prompt_tokens: int, 
         env = {"OPENBLAS_THREAD_TIMEOUT": "4", **os.environ, "NUMBA_NUM_THREADS": str(max(threads)),
                "OPENBLAS_NUM_THREADS": str(max(threads)), "OMP_NUM_THREADS": str(max(threads))}  # see cli.set_threads
         args = [sys.executable, "-m", "lutq.bench", target, ",".join(map(str, threads)), str(prompt_tokens),
-                str(gen_tokens), str(repeats)]
+                str(gen_tokens), str(repeats), kv_cache]
         res = subprocess.run(args, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             raise LutqError(f"bench worker for {fmt} failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
         for rec in json.loads(res.stdout):
-            records.append({"model": model, "format": fmt, "rules": fmt, **rec})
+            records.append({"model": model, "format": fmt, "rules": fmt, "kv_cache": kv_cache, **rec})
     return records
 
 
@@ -132,6 +133,6 @@ def table(records: list[dict]):
 
 
 if __name__ == "__main__":
-    model_arg, threads_arg, prompt_arg, gen_arg, repeats_arg = sys.argv[1:6]
+    model_arg, threads_arg, prompt_arg, gen_arg, repeats_arg, kv_arg = sys.argv[1:7]
     print(json.dumps(worker(model_arg, [int(v) for v in threads_arg.split(",")], int(prompt_arg), int(gen_arg),
-                            int(repeats_arg))))
+                            int(repeats_arg), kv_arg)))

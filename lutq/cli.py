@@ -53,7 +53,7 @@ def sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed):
     return params
 
 
-def load(model: str, max_seq: int | None):
+def load(model: str, max_seq: int | None, kv_cache: str = "f32"):
     """(checkpoint, runnable model, tokenizer) for MODEL."""
     from lutq.checkpoint import open_checkpoint
     from lutq.runtime.model import load_model
@@ -61,7 +61,17 @@ def load(model: str, max_seq: int | None):
 
     ckpt = open_checkpoint(model)
     tokenizer = Tokenizer(ckpt.tokenizer_dir(), ckpt.config.eos_token_ids)
-    return ckpt, load_model(ckpt, max_seq), tokenizer
+    return ckpt, load_model(ckpt, max_seq, kv_cache=kv_cache), tokenizer
+
+
+KV_HELP = "KV cache type: f32, or f16 (half the memory, and faster decode at long contexts)."
+
+
+def check_kv_cache(kv_cache: str) -> None:
+    from lutq.runtime.attention import KV_DTYPES
+
+    if kv_cache not in KV_DTYPES:
+        raise LutqError(f"--kv-cache must be one of {', '.join(KV_DTYPES)}, got {kv_cache!r}")
 
 
 VERIFY_HELP = "First check the lutq directory's file hashes and tensor shapes in full (what `lutq verify` does)."
@@ -99,6 +109,7 @@ def generate(
     stop: List[str] = typer.Option([], "--stop", help="Stop when this string appears (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template as a user turn."),
     threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
+    kv_cache: str = typer.Option("f32", "--kv-cache", help=KV_HELP),
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ):
     """Generate text from a prompt and print prompt and decode speed.
@@ -106,6 +117,7 @@ def generate(
     Example: lutq generate smollm2-135m -p "The capital of France is" -n 20 --temperature 0
     """
     set_threads(threads)
+    check_kv_cache(kv_cache)
     if max_tokens < 1:
         raise LutqError(f"--max-tokens must be >= 1, got {max_tokens}")
     params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
@@ -119,7 +131,7 @@ def generate(
     ckpt = open_checkpoint(model)
     tokenizer = Tokenizer(ckpt.tokenizer_dir(), ckpt.config.eos_token_ids)
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
-    net = load_model(ckpt, len(ids) + max_tokens)  # a KV cache just large enough
+    net = load_model(ckpt, len(ids) + max_tokens, kv_cache=kv_cache)  # a KV cache just large enough
     check_prompt_fits(net, len(ids))
     if not chat:
         out.print(prompt, end="", markup=False)
@@ -141,6 +153,7 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     ctx: int = typer.Option(4096, "--ctx", help="Context window for the conversation, in tokens."),
     threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
+    kv_cache: str = typer.Option("f32", "--kv-cache", help=KV_HELP),
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ):
     """Chat with a model interactively, using its chat template. Empty line or Ctrl-D ends; /reset starts over.
@@ -148,12 +161,13 @@ def chat(
     Example: lutq chat smollm2-135m --temperature 0.5
     """
     set_threads(threads)
+    check_kv_cache(kv_cache)
     params = sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     if verify:
         verify_first(model)
     from lutq.runtime.generate import generate as run
 
-    ckpt, net, tokenizer = load(model, ctx)
+    ckpt, net, tokenizer = load(model, ctx, kv_cache)
     if not tokenizer.has_chat_template:
         raise LutqError(f"{model}: the tokenizer has no chat template; use `lutq generate`")
     start = [{"role": "system", "content": system}] if system else []
@@ -309,6 +323,7 @@ def eval(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
+    kv_cache: str = typer.Option("f32", "--kv-cache", help=KV_HELP),
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ):
     """Perplexity over non-overlapping windows of --ctx tokens, each scored on every position but its first.
@@ -316,6 +331,7 @@ def eval(
     Example: lutq eval smollm2-135m --text botchan.txt --ctx 512 --max-windows 8
     """
     set_threads(threads)
+    check_kv_cache(kv_cache)
     from lutq.eval import count_windows, perplexity
 
     try:
@@ -339,7 +355,7 @@ def eval(
             raise LutqError(f"--ctx {ctx} exceeds the model's context window of {ckpt.config.max_position_embeddings}")
         if count_windows(len(ids), ctx, max_windows) == 0:
             raise LutqError(f"{text}: {len(ids)} tokens, fewer than one window of --ctx {ctx}")
-        net = load_model(ckpt, ctx)
+        net = load_model(ckpt, ctx, kv_cache=kv_cache)
         with progress_bar() as bar:
             task = bar.add_task("eval", total=count_windows(len(ids), ctx, max_windows))
             res = perplexity(net, ids, ctx, max_windows, on_window=lambda done, n: bar.update(task, completed=done))
@@ -380,6 +396,7 @@ def bench_model(
     gen_tokens: int = typer.Option(64, "--gen-tokens", help="Tokens to decode."),
     repeats: int = typer.Option(3, "--repeats", help="Repeats per configuration; medians are reported."),
     group_size: int = typer.Option(64, "--group-size", help="Quantization group size."),
+    kv_cache: str = typer.Option("f32", "--kv-cache", help=KV_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list of records instead of the table."),
 ):
     """Prefill and decode tokens/s, time to first token, peak RSS, model bytes and load time, per format and threads.
@@ -400,9 +417,10 @@ def bench_model(
         raise LutqError(f"--threads: {threads!r} is not a comma-separated list of numbers") from None
     if min(thread_list) < 1 or min(prompt_tokens, gen_tokens, repeats) < 1:
         raise LutqError("--threads, --prompt-tokens, --gen-tokens and --repeats must be >= 1")
+    check_kv_cache(kv_cache)
     fmts = [f.replace("+", ",") for f in formats.split(",")]
     records = bench.run(model or f"random:{shape}", fmts, thread_list, prompt_tokens, gen_tokens, repeats, group_size,
-                        on_status=None if json_out else lambda s: err.print(f"[dim]{s}[/dim]"))
+                        on_status=None if json_out else lambda s: err.print(f"[dim]{s}[/dim]"), kv_cache=kv_cache)
     if json_out:
         out.print(json.dumps(records, indent=1), markup=False, soft_wrap=True)
     else:

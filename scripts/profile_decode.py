@@ -104,7 +104,8 @@ def main(directory: str, position: int, calls: bool, profile: bool) -> None:
     print(f"decode {1 / token:.1f} tok/s = {token * 1e3:.2f} ms/token; kernels alone {kernels * 1e3:.2f} ms "
           f"({len(products)} calls); ratio {token / kernels:.2f}; without the kernels {rest * 1e3:.2f} ms")
     if profile:
-        cProfile.runctx("for _ in range(STEPS): step()", globals(), {"step": decode, "STEPS": STEPS}, "/tmp/decode.prof")
+        cProfile.runctx("for _ in range(STEPS): step()", globals(), {"step": decode, "STEPS": STEPS},
+                        "/tmp/decode.prof")
         pstats.Stats("/tmp/decode.prof").sort_stats("tottime").print_stats(14)
 
 

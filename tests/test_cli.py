@@ -47,6 +47,13 @@ def test_generate_tiny(tiny):
     assert "decode:" in res.stderr and "tokens/s" in res.stderr
 
 
+def test_generate_with_an_fp16_kv_cache(tiny):
+    res = lutq("generate", tiny, "-p", "The capital of", "-n", "8", "--temperature", "0", "--kv-cache", "f16")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("The capital of")
+    assert_clean_error(lutq("generate", tiny, "-p", "x", "--kv-cache", "bf16"), "--kv-cache", "bf16")
+
+
 def test_generate_is_reproducible_with_seed(tiny):
     runs = [lutq("generate", tiny, "-p", "A small", "-n", "12", "--seed", "7", "--top-k", "20", "--top-p", "0.9").stdout
             for _ in range(2)]

@@ -85,6 +85,8 @@ def test_eval_command_json(tiny_models, text_file, tmp_path):
     assert abs(math.log(ppl["int4"] / direct)) < abs(math.log(ppl["int2"] / direct))
     plain = lutq("eval", path, "--text", text_file, "--ctx", "32", "--max-windows", "1")
     assert plain.returncode == 0 and plain.stdout.startswith("perplexity ")
+    half = lutq("eval", path, "--text", text_file, "--ctx", "32", "--max-windows", "3", "--json", "--kv-cache", "f16")
+    assert json.loads(half.stdout)["perplexity"] == pytest.approx(direct, rel=1e-3)  # keys/values to 11 bits
 
 
 def test_eval_command_errors(tiny_models, text_file, tmp_path):
@@ -96,3 +98,4 @@ def test_eval_command_errors(tiny_models, text_file, tmp_path):
     short.write_text("hi")
     assert_clean_error(lutq("eval", path, "--text", short, "--ctx", "64"), "fewer than one window")
     assert_clean_error(lutq("eval", path, "--text", text_file, "--max-windows", "0"), "--max-windows")
+    assert_clean_error(lutq("eval", path, "--text", text_file, "--kv-cache", "f8"), "--kv-cache", "f16")

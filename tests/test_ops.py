@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lutq.config import ModelConfig
+from lutq.errors import LutqError
 from lutq.runtime.attention import KVCache
 from lutq.runtime.ops import add_rms_norm_into, rms_norm_into, silu_mul_into
 
@@ -65,17 +66,18 @@ def attention_reference(qkv: np.ndarray, cfg, cos, sin) -> np.ndarray:
     return out.reshape(T, H * hd)
 
 
+@pytest.mark.parametrize("kv", ["f32", "f16"])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 2, 16), (4, 4, 128), (8, 2, 36)])
-def test_decode_attention_matches_prefill_and_float64(heads, kv_heads, head_dim):
+def test_decode_attention_matches_prefill_and_float64(heads, kv_heads, head_dim, kv):
     """One token at a time (decode_attention, keys in blocks of 32 positions) against the whole sequence at once
     (numpy prefill) and float64, across block boundaries (positions 0..69), for head sizes that are and are not
-    whole vectors of 32."""
+    whole vectors of 32, with an f32 and an fp16 cache (fp16: keys and values rounded to 11 bits, so within 2e-3)."""
     cfg = ModelConfig(model_type="llama", vocab_size=10, hidden_size=heads * head_dim, intermediate_size=8,
                       num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       head_dim=head_dim, max_position_embeddings=128)
     T = 70
     qkv = np.random.default_rng(2).standard_normal((T, (heads + 2 * kv_heads) * head_dim)).astype(np.float32)
-    stepped, whole = KVCache(cfg, 100), KVCache(cfg, 100)
+    stepped, whole = KVCache(cfg, 100, kv), KVCache(cfg, 100, kv)
     got = []
     for t in range(T):
         stepped.pos = t  # attend appends at pos; the model's forward advances it
@@ -83,8 +85,19 @@ def test_decode_attention_matches_prefill_and_float64(heads, kv_heads, head_dim)
     got = np.concatenate(got)
     want = whole.attend(1, qkv, whole.causal_mask(T))
     ref = attention_reference(qkv, cfg, whole.cos, whole.sin)
-    np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
-    np.testing.assert_allclose(want, ref, atol=2e-5 * np.abs(ref).max())
-    # the same cache whichever path wrote it (rotated keys to f32 rounding: numba contracts the rotation into FMAs)
-    np.testing.assert_allclose(stepped.k[1], whole.k[1], rtol=1e-6, atol=1e-6)
+    tol = (2e-5 if kv == "f32" else 2e-3) * np.abs(ref).max()
+    np.testing.assert_allclose(got, ref, atol=tol)
+    np.testing.assert_allclose(want, ref, atol=tol)
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(ref).max())  # the same cache contents either way
+    # rotated keys to one rounding step: numba contracts the rotation into FMAs
+    keys, stored = stepped.k_np[1].astype(np.float32), whole.k_np[1].astype(np.float32)
+    np.testing.assert_allclose(keys, stored, rtol=1e-6 if kv == "f32" else 1e-3, atol=1e-6)
     np.testing.assert_array_equal(stepped.v[1], whole.v[1])
+
+
+def test_kv_cache_type_is_checked():
+    cfg = ModelConfig(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    assert KVCache(cfg, 40, "f16").k.dtype == np.uint16 and KVCache(cfg, 40).k.dtype == np.float32
+    with pytest.raises(LutqError, match="KV cache type"):
+        KVCache(cfg, 40, "bf16")

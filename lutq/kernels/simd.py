@@ -278,7 +278,61 @@ def _loader(vecty):
 
 load_i8x64 = _loader(i8x64)  # 64 bytes of a u8/i8 array
 load_i8x32 = _loader(i8x32)
-load_f32x32 = _loader(f32x32)  # 32 floats of an f32 array (index into its flat data)
+
+
+# f32 or fp16 storage (the KV cache): an f32 array, or a u16 array holding fp16 bits, read and written as f32.
+
+
+def _f16_or_f32(arrty):
+    return isinstance(arrty, types.Array) and arrty.dtype in (types.float32, types.uint16)
+
+
+@intrinsic
+def load_f32x32_from(typingctx, arr, index):
+    """32 consecutive values of an f32 or fp16 (u16 bits) array as f32 (vcvtph2ps for fp16)."""
+    if not _f16_or_f32(arr):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if sig.args[0].dtype == types.float32:
+            return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], f32x32.llvm_type), align=1)
+        h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(I16, 32)), align=1)
+        return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 32)), f32x32.llvm_type)
+
+    return f32x32(arr, index), codegen
+
+
+@intrinsic
+def store_f32_to(typingctx, arr, index, value):
+    """arr[index] = value for an f32 array, or value rounded to fp16 (nearest even) for a u16 array of fp16 bits."""
+    if not _f16_or_f32(arr):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[2], sig.args[2], types.float32)
+        if sig.args[0].dtype == types.float32:
+            builder.store(v, _ptr(context, builder, sig.args[0], args[0], args[1], ir.FloatType()), align=1)
+        else:
+            h = builder.bitcast(builder.fptrunc(v, ir.HalfType()), I16)
+            builder.store(h, _ptr(context, builder, sig.args[0], args[0], args[1], I16), align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, index, value), codegen
+
+
+@intrinsic
+def load_f32_from(typingctx, arr, index):
+    """arr[index] as f32, for an f32 array or a u16 array of fp16 bits."""
+    if not _f16_or_f32(arr):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if sig.args[0].dtype == types.float32:
+            return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], ir.FloatType()), align=1)
+        h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], I16), align=1)
+        return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
+
+    return types.float32(arr, index), codegen
 
 
 @intrinsic

@@ -14,15 +14,27 @@ from lutq.runtime.ops import decode_attention
 from lutq.runtime.rope import apply_rope, rope_tables
 
 
+KV_DTYPES = ("f32", "f16")
+
+
 class KVCache:
-    def __init__(self, cfg: ModelConfig, max_seq: int):
-        self.max_seq = max_seq
+    """Keys and values of every layer for up to max_seq positions, in f32 or fp16 (`dtype`; fp16, llama.cpp's default,
+    halves the memory and, at long contexts where decode attention streams the whole cache every token, its time)."""
+
+    def __init__(self, cfg: ModelConfig, max_seq: int, dtype: str = "f32"):
+        if dtype not in KV_DTYPES:
+            raise LutqError(f"KV cache type must be one of {', '.join(KV_DTYPES)}, got {dtype!r}")
+        self.max_seq, self.dtype = max_seq, dtype
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         blocks = -(-max_seq // 32)
         # Keys [layer, kv head, block, hd, 32]: positions in blocks of 32, each block transposed (ops.py draws it);
-        # values [layer, kv head, position, hd].
-        self.k = np.zeros((cfg.num_hidden_layers, self.kv_heads, blocks, self.head_dim, 32), np.float32)
-        self.v = np.zeros((cfg.num_hidden_layers, self.kv_heads, max_seq, self.head_dim), np.float32)
+        # values [layer, kv head, position, hd]. fp16 is stored as its u16 bits (numba has no float16 arrays);
+        # k16/v16 view them as float16 for numpy.
+        store = np.float32 if dtype == "f32" else np.uint16
+        self.k = np.zeros((cfg.num_hidden_layers, self.kv_heads, blocks, self.head_dim, 32), store)
+        self.v = np.zeros((cfg.num_hidden_layers, self.kv_heads, max_seq, self.head_dim), store)
+        self.k_np, self.v_np = (self.k, self.v) if dtype == "f32" else (self.k.view(np.float16),
+                                                                         self.v.view(np.float16))
         self.cos, self.sin = rope_tables(cfg, max_seq)  # f32[max_seq, hd/2]
         self.pos = 0  # positions filled
         self.scores = np.zeros(self.heads // self.kv_heads * blocks * 32, np.float32)  # decode scratch
@@ -58,11 +70,12 @@ class KVCache:
         apply_rope(q, self.cos[P:S], self.sin[P:S])
         apply_rope(k, self.cos[P:S], self.sin[P:S])
         positions = np.arange(P, S)
-        self.k[layer][:, positions // 32, :, positions % 32] = k  # k: [T, KV, hd] into [KV, block, hd, lane]
-        self.v[layer, :, P:S] = v.transpose(1, 0, 2)
+        self.k_np[layer][:, positions // 32, :, positions % 32] = k  # k: [T, KV, hd] into [KV, block, hd, lane]
+        self.v_np[layer, :, P:S] = v.transpose(1, 0, 2)
         blocks = -(-S // 32)
-        keys = self.k[layer, :, :blocks].transpose(0, 2, 1, 3).reshape(KV, hd, 32 * blocks)[:, :, :S]  # [KV, hd, S]
-        values = self.v[layer, :, :S]  # f32[KV, S, hd]
+        keys = self.k_np[layer, :, :blocks].transpose(0, 2, 1, 3).reshape(KV, hd, 32 * blocks)[:, :, :S]  # [KV, hd, S]
+        values = self.v_np[layer, :, :S].astype(np.float32, copy=False)  # f32[KV, S, hd]
+        keys = keys.astype(np.float32, copy=False)
         # The G query heads sharing a key/value head form one batch: [KV, G*T, hd], rows ordered (g, t).
         qg = q.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)
         scores = qg @ keys  # f32[KV, G*T, S]

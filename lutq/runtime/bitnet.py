@@ -35,7 +35,7 @@ class BitNetLayer:
 
 
 def quantize_activations(x: np.ndarray) -> np.ndarray:
-    """Per-token symmetric int8 fake quantization: x -> round(x * s).clip(-128, 127) / s, s = 127 / max|x| (in place)."""
+    """Per-token symmetric int8 fake quantization, in place: x -> round(x * s).clip(-128, 127) / s, s = 127 / max|x|."""
     fake_quant_int8(x)
     return x
 
@@ -90,7 +90,8 @@ class BitNetModel(LlamaModel):
         step.linear(self.lm_head, h, step.logits)
 
 
-def load_bitnet(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True) -> BitNetModel:
+def load_bitnet(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True,
+                kv_cache: str = "f32") -> BitNetModel:
     cfg, src = ckpt.config, TensorSource(ckpt, kernels)
     D, F = cfg.hidden_size, cfg.intermediate_size
     embed, lm_head = src.embedding_and_head()
@@ -101,4 +102,4 @@ def load_bitnet(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = Tr
                                   attn_sub_norm=src.get(p + "self_attn.attn_sub_norm.weight", (D,)),
                                   ffn_sub_norm=src.get(p + "mlp.ffn_sub_norm.weight", (F,))))
     norm = src.get("model.norm.weight", (D,))
-    return BitNetModel(cfg, embed, layers, norm, lm_head, context_length(cfg, max_seq))
+    return BitNetModel(cfg, embed, layers, norm, lm_head, context_length(cfg, max_seq), kv_cache)

@@ -5,8 +5,9 @@ matrix products: measured on SmolLM2-135M int2 (1 thread), ~28 us a layer of Pyt
 against ~9 us of norms, tables, attention and SiLU. This step runs the same operations in the same order on buffers
 allocated once, each call bound to its compiled entry point and its arguments when the step is recorded, so a token
 is `for call in calls: call()`. One step is recorded per thread count (kernels bind a serial or a parallel entry
-point), so switching threads between tokens, as `lutq bench` does, records nothing new. Each architecture records its own sequence beside its forward pass (`record_decode` in llama.py and
-bitnet.py): the two must say the same thing, and tests/test_quant_runtime.py checks that they compute the same.
+point), so switching threads between tokens, as `lutq bench` does, records nothing new. Each architecture records
+its own sequence beside its forward pass (`record_decode` in llama.py and bitnet.py): the two must say the same
+thing, and tests/test_quant_runtime.py checks that they compute the same.
 
 Buffers, one row each (D hidden, A = H hd, Q = A + 2 KV hd, F intermediate, V vocab):
 

@@ -50,13 +50,13 @@ def silu_mul(gate_up: np.ndarray) -> np.ndarray:
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, embed, layers: list[LlamaLayer], norm: np.ndarray,
-                 lm_head: DenseLinear, max_seq: int):
+                 lm_head: DenseLinear, max_seq: int, kv_cache: str = "f32"):
         self.config = config
         self.embed = embed  # [V, D] rows: embed[ids] -> f32[T, D] (stored fp16/fp32/int8, Checkpoint.rows)
         self.layers = layers
         self.norm = norm  # f32[D]
         self.lm_head = lm_head  # D -> V (the embedding itself, in fp32, when tied)
-        self.cache = KVCache(config, max_seq)
+        self.cache = KVCache(config, max_seq, kv_cache)  # f32 or f16
         self.steps: dict[int, DecodeStep] = {}  # recorded decode steps by thread count, made at first use
         self.step = None  # the one in use
 
@@ -208,10 +208,10 @@ def llama_layer_parts(src: TensorSource, i: int) -> dict:
     )
 
 
-def load_llama(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True) -> LlamaModel:
+def load_llama(ckpt: Checkpoint, max_seq: int | None = None, kernels: bool = True, kv_cache: str = "f32") -> LlamaModel:
     """Build the model from a checkpoint, reading one tensor at a time."""
     cfg, src = ckpt.config, TensorSource(ckpt, kernels)
     embed, lm_head = src.embedding_and_head()
     layers = [LlamaLayer(**llama_layer_parts(src, i)) for i in range(cfg.num_hidden_layers)]
     norm = src.get("model.norm.weight", (cfg.hidden_size,))
-    return LlamaModel(cfg, embed, layers, norm, lm_head, context_length(cfg, max_seq))
+    return LlamaModel(cfg, embed, layers, norm, lm_head, context_length(cfg, max_seq), kv_cache)

@@ -13,7 +13,8 @@ import math
 import numpy as np
 from numba import njit
 
-from lutq.kernels.simd import fma_f32, load_f32x32, splat_f32, store_f32x32, vadd, zeros_f32x32
+from lutq.kernels.simd import (fma_f32, load_f32_from, load_f32x32_from, splat_f32, store_f32_to, store_f32x32, vadd,
+                               zeros_f32x32)
 
 
 @njit(cache=True, fastmath=True)
@@ -85,8 +86,9 @@ def exp2_fraction(u):  # pragma: no cover - compiled
 def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, scores, exponent, out):  # pragma: no cover - compiled
     """One token's attention at position `pos`, appending its key and value to the cache.
 
-    qkv: f32[(H + 2KV) * hd] (q, k, v side by side, not yet rotated); k_cache: f32[KV, NB, hd, 32] (this layer's, in
-    blocks as drawn above); v_cache: f32[KV, max_seq, hd]; cos, sin: f32[max_seq, hd/2], rows by position; scores:
+    qkv: f32[(H + 2KV) * hd] (q, k, v side by side, not yet rotated); k_cache: [KV, NB, hd, 32] (this layer's, in
+    blocks as drawn above); v_cache: [KV, max_seq, hd], both f32 or u16 holding fp16 (KVCache's dtype: read and
+    written through load_f32x32_from / store_f32_to); cos, sin: f32[max_seq, hd/2], rows by position; scores:
     f32[G * NB * 32] and exponent: i32[NB * 32], scratch; out: f32[H * hd]. Rotation pairs element i with i + hd/2 of
     each head (HF's rotate_half).
     """
@@ -98,10 +100,11 @@ def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, scores, exponent, out
         kb, vb = (H + j) * hd, (H + KV + j) * hd
         for i in range(half):
             a, b = qkv[kb + i], qkv[kb + half + i]
-            k_cache[j, last, i, lane] = a * cos[pos, i] - b * sin[pos, i]
-            k_cache[j, last, half + i, lane] = b * cos[pos, i] + a * sin[pos, i]
+            key = ((j * NB + last) * hd + i) * 32 + lane
+            store_f32_to(k_cache, key, a * cos[pos, i] - b * sin[pos, i])
+            store_f32_to(k_cache, key + half * 32, b * cos[pos, i] + a * sin[pos, i])
         for i in range(hd):
-            v_cache[j, pos, i] = qkv[vb + i]
+            store_f32_to(v_cache, (j * M + pos) * hd + i, qkv[vb + i])
     inv = np.float32(1.0 / math.sqrt(hd))
     q = np.empty(G * hd, np.float32)
     bits = exponent[:S]
@@ -120,12 +123,12 @@ def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, scores, exponent, out
                 qg = g * hd
                 for i in range(0, hd - 3, 4):
                     row = kbase + i * 32
-                    acc0 = fma_f32(load_f32x32(k_cache, row), splat_f32(q[qg + i]), acc0)
-                    acc1 = fma_f32(load_f32x32(k_cache, row + 32), splat_f32(q[qg + i + 1]), acc1)
-                    acc2 = fma_f32(load_f32x32(k_cache, row + 64), splat_f32(q[qg + i + 2]), acc2)
-                    acc3 = fma_f32(load_f32x32(k_cache, row + 96), splat_f32(q[qg + i + 3]), acc3)
+                    acc0 = fma_f32(load_f32x32_from(k_cache, row), splat_f32(q[qg + i]), acc0)
+                    acc1 = fma_f32(load_f32x32_from(k_cache, row + 32), splat_f32(q[qg + i + 1]), acc1)
+                    acc2 = fma_f32(load_f32x32_from(k_cache, row + 64), splat_f32(q[qg + i + 2]), acc2)
+                    acc3 = fma_f32(load_f32x32_from(k_cache, row + 96), splat_f32(q[qg + i + 3]), acc3)
                 for i in range(hd - hd % 4, hd):
-                    acc0 = fma_f32(load_f32x32(k_cache, kbase + i * 32), splat_f32(q[qg + i]), acc0)
+                    acc0 = fma_f32(load_f32x32_from(k_cache, kbase + i * 32), splat_f32(q[qg + i]), acc0)
                 store_f32x32(scores, g * P + blk * 32, vadd(vadd(acc0, acc1), vadd(acc2, acc3)))
         for g in range(G):  # softmax: the scores become the value rows' weights
             row = scores[g * P:g * P + S]
@@ -150,22 +153,22 @@ def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, scores, exponent, out
                 w, o = g * P, (j * G + g) * hd
                 if hd % 32:  # no whole vectors along hd: plain loops
                     for s in range(s0, s1):
-                        p, vals = scores[w + s], v_cache[j, s]
+                        p, row = scores[w + s], (j * M + s) * hd
                         for i in range(hd):
-                            out[o + i] += p * vals[i]
+                            out[o + i] += p * load_f32_from(v_cache, row + i)
                     continue
                 for c in range(0, hd, 32):
                     acc0 = acc1 = acc2 = acc3 = zeros_f32x32()
                     for s in range(s0, s1 - 3, 4):
                         row = (j * M + s) * hd + c
-                        acc0 = fma_f32(load_f32x32(v_cache, row), splat_f32(scores[w + s]), acc0)
-                        acc1 = fma_f32(load_f32x32(v_cache, row + hd), splat_f32(scores[w + s + 1]), acc1)
-                        acc2 = fma_f32(load_f32x32(v_cache, row + 2 * hd), splat_f32(scores[w + s + 2]), acc2)
-                        acc3 = fma_f32(load_f32x32(v_cache, row + 3 * hd), splat_f32(scores[w + s + 3]), acc3)
+                        acc0 = fma_f32(load_f32x32_from(v_cache, row), splat_f32(scores[w + s]), acc0)
+                        acc1 = fma_f32(load_f32x32_from(v_cache, row + hd), splat_f32(scores[w + s + 1]), acc1)
+                        acc2 = fma_f32(load_f32x32_from(v_cache, row + 2 * hd), splat_f32(scores[w + s + 2]), acc2)
+                        acc3 = fma_f32(load_f32x32_from(v_cache, row + 3 * hd), splat_f32(scores[w + s + 3]), acc3)
                     for s in range(s1 - (s1 - s0) % 4, s1):
-                        acc0 = fma_f32(load_f32x32(v_cache, (j * M + s) * hd + c), splat_f32(scores[w + s]), acc0)
+                        acc0 = fma_f32(load_f32x32_from(v_cache, (j * M + s) * hd + c), splat_f32(scores[w + s]), acc0)
                     acc = vadd(vadd(acc0, acc1), vadd(acc2, acc3))
-                    store_f32x32(out, o + c, vadd(load_f32x32(out, o + c), acc))
+                    store_f32x32(out, o + c, vadd(load_f32x32_from(out, o + c), acc))
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")  # an overflowed activation gives inf/NaN, not an exception
@@ -173,9 +176,9 @@ def silu_mul_into(gate_up, out):  # pragma: no cover - compiled
     """out[t] = silu(gate) * up = gate / (1 + exp(-gate)) * up for gate_up: f32[T, 2F] = [gate | up].
 
     exp(-g) in two passes, exp2_exponent_bits into out's bits, then exp2_fraction: unlike libm's exp, both loops
-    vectorise (F = 1536: 1.2 instead of 4 us, decode runs it once a layer). Relative error: below 6e-7 for |g| <= 10, 4e-6
-    out to |g| = 87 (the f32 rounding of -g log2 e grows with |g|; libm reduces the range in extra precision).
-    -g log2 e is clamped to [-126, 126], so 2^n stays a normal f32: silu(g) for g < -87 comes out tiny, not 0."""
+    vectorise (F = 1536: 1.2 instead of 4 us, decode runs it once a layer). Relative error: below 6e-7 for
+    |g| <= 10, 4e-6 out to |g| = 87 (the f32 rounding of -g log2 e grows with |g|; libm reduces the range in extra
+    precision). -g log2 e is clamped to [-126, 126], so 2^n stays a normal f32: silu(g) for g < -87 comes out tiny, not 0."""
     T, F = out.shape
     exponent = out.view(np.int32)
     for t in range(T):
