@@ -29,7 +29,7 @@ class KVCache:
         blocks = -(-max_seq // 32)
         # Keys [layer, kv head, block, hd, 32]: positions in blocks of 32, each block transposed (ops.py draws it);
         # values [layer, kv head, position, hd]. fp16 is stored as its u16 bits (numba has no float16 arrays);
-        # k16/v16 view them as float16 for numpy.
+        # k_np/v_np are the same memory as numpy sees it (float16), for prefill.
         store = np.float32 if dtype == "f32" else np.uint16
         self.k = np.zeros((cfg.num_hidden_layers, self.kv_heads, blocks, self.head_dim, 32), store)
         self.v = np.zeros((cfg.num_hidden_layers, self.kv_heads, max_seq, self.head_dim), store)
@@ -73,9 +73,9 @@ class KVCache:
         self.k_np[layer][:, positions // 32, :, positions % 32] = k  # k: [T, KV, hd] into [KV, block, hd, lane]
         self.v_np[layer, :, P:S] = v.transpose(1, 0, 2)
         blocks = -(-S // 32)
-        keys = self.k_np[layer, :, :blocks].transpose(0, 2, 1, 3).reshape(KV, hd, 32 * blocks)[:, :, :S]  # [KV, hd, S]
+        keys = self.k_np[layer, :, :blocks].transpose(0, 2, 1, 3).reshape(KV, hd, 32 * blocks)[:, :, :S]
+        keys = keys.astype(np.float32, copy=False)  # f32[KV, hd, S]
         values = self.v_np[layer, :, :S].astype(np.float32, copy=False)  # f32[KV, S, hd]
-        keys = keys.astype(np.float32, copy=False)
         # The G query heads sharing a key/value head form one batch: [KV, G*T, hd], rows ordered (g, t).
         qg = q.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)
         scores = qg @ keys  # f32[KV, G*T, S]

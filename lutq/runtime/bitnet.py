@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lutq.checkpoint.base import Checkpoint
-from lutq.runtime.attention import KVCache
-from lutq.runtime.linear import Linear
 from lutq.runtime.decode_step import DecodeStep
+from lutq.runtime.linear import Linear
 from lutq.runtime.llama import LlamaModel, TensorSource, context_length, llama_layer_parts, rms_norm
 from lutq.runtime.ops import add_rms_norm_into, fake_quant_int8, relu2_mul_into, rms_norm_into
 

@@ -37,7 +37,7 @@ class DecodeStep:
     """The buffers and the calls; the architecture's model says which calls, in order (its record_decode)."""
 
     def __init__(self, model):
-        cfg, cache = model.config, model.cache
+        cfg = model.config
         D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
         A = cfg.num_attention_heads * cfg.head_dim
         Q = A + 2 * cfg.num_key_value_heads * cfg.head_dim

@@ -99,7 +99,6 @@ class LlamaModel:
         logits = self.lm_head(rms_norm(x, self.norm, eps))  # f32[T or 1, V]
         return logits if all_logits else logits[0]
 
-
     def record_decode(self, step: DecodeStep) -> None:
         """forward() for one token as the recorded step's calls, on its buffers (decode_step.py)."""
         x, h, delta, eps = step.x, step.h, step.delta, step.eps
@@ -122,7 +121,9 @@ class LlamaModel:
         """forward([token]) -> f32[V] on preallocated buffers: decode_step.py."""
         threads = current_threads()
         if self.step is None or self.step.threads != threads:  # kernels bind a serial or a parallel entry point
-            self.step = self.steps.get(threads) or self.steps.setdefault(threads, DecodeStep(self))
+            if threads not in self.steps:
+                self.steps[threads] = DecodeStep(self)
+            self.step = self.steps[threads]
         return self.step(token)
 
 

@@ -178,7 +178,8 @@ def silu_mul_into(gate_up, out):  # pragma: no cover - compiled
     exp(-g) in two passes, exp2_exponent_bits into out's bits, then exp2_fraction: unlike libm's exp, both loops
     vectorise (F = 1536: 1.2 instead of 4 us, decode runs it once a layer). Relative error: below 6e-7 for
     |g| <= 10, 4e-6 out to |g| = 87 (the f32 rounding of -g log2 e grows with |g|; libm reduces the range in extra
-    precision). -g log2 e is clamped to [-126, 126], so 2^n stays a normal f32: silu(g) for g < -87 comes out tiny, not 0."""
+    precision). -g log2 e is clamped to [-126, 126], so 2^n stays a normal f32: silu(g) for g < -87 comes out tiny,
+    not 0."""
     T, F = out.shape
     exponent = out.view(np.int32)
     for t in range(T):
