@@ -287,19 +287,31 @@ def _f16_or_f32(arrty):
     return isinstance(arrty, types.Array) and arrty.dtype in (types.float32, types.uint16)
 
 
-@intrinsic
-def load_f32x32_from(typingctx, arr, index):
-    """32 consecutive values of an f32 or fp16 (u16 bits) array as f32 (vcvtph2ps for fp16)."""
-    if not _f16_or_f32(arr):
-        return None
+def _f32_reader(count: int):
+    """An intrinsic reading `count` (1 or 32) consecutive values of an f32 array, or of a u16 array holding fp16 bits
+    (widened: vcvtph2ps), as f32."""
+    vec = count > 1
+    f32, f16, i16 = ((f32x32.llvm_type, ir.VectorType(ir.HalfType(), count), ir.VectorType(I16, count)) if vec
+                     else (ir.FloatType(), ir.HalfType(), I16))
 
-    def codegen(context, builder, sig, args):
-        if sig.args[0].dtype == types.float32:
-            return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], f32x32.llvm_type), align=1)
-        h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(I16, 32)), align=1)
-        return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 32)), f32x32.llvm_type)
+    @intrinsic
+    def read(typingctx, arr, index):
+        if not _f16_or_f32(arr):
+            return None
 
-    return f32x32(arr, index), codegen
+        def codegen(context, builder, sig, args):
+            if sig.args[0].dtype == types.float32:
+                return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], f32), align=1)
+            h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], i16), align=1)
+            return builder.fpext(builder.bitcast(h, f16), f32)
+
+        return (f32x32 if vec else types.float32)(arr, index), codegen
+
+    return read
+
+
+load_f32x32_from = _f32_reader(32)
+load_f32_from = _f32_reader(1)
 
 
 @intrinsic
@@ -318,21 +330,6 @@ def store_f32_to(typingctx, arr, index, value):
         return context.get_dummy_value()
 
     return types.none(arr, index, value), codegen
-
-
-@intrinsic
-def load_f32_from(typingctx, arr, index):
-    """arr[index] as f32, for an f32 array or a u16 array of fp16 bits."""
-    if not _f16_or_f32(arr):
-        return None
-
-    def codegen(context, builder, sig, args):
-        if sig.args[0].dtype == types.float32:
-            return builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], ir.FloatType()), align=1)
-        h = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], I16), align=1)
-        return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
-
-    return types.float32(arr, index), codegen
 
 
 @intrinsic
