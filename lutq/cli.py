@@ -263,6 +263,9 @@ def quantize(
                                                 "many bits/weight on average over the linear layers."),
     no_refine: bool = typer.Option(False, "--no-refine", help="Plain min/max (absmax) rounding, no scale search."),
     embed: str = typer.Option("fp16", "--embed", help="Token embedding: fp16 or int8."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="Round with GPTQ for these inputs: 'self' "
+                                              "(text the model writes itself, 8192 tokens, cached; 'self:TOKENS' for "
+                                              "another count) or a UTF-8 text file ('PATH[:TOKENS]')."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
@@ -270,6 +273,8 @@ def quantize(
     """Quantize a model into a packed lutq directory.
 
     Example: lutq quantize smollm2-135m smollm2-nf4 --format nf4,*.down_proj=int4
+
+    Example: lutq quantize smollm2-135m smollm2-b35 --bits-budget 3.5 --calibration self
     """
     set_threads(threads)
     from lutq.checkpoint import open_checkpoint
@@ -280,6 +285,10 @@ def quantize(
         raise LutqError("--format is required (or --bits-budget), e.g. --format nf4")
     rules = parse_rules(format or "auto")
     options = QuantizeOptions(rules, group_size, not no_refine, embed, bits_budget)
+    if calibration is not None:
+        from lutq.quantize.calibration import parse_calibration
+
+        options.calibration = parse_calibration(calibration)
     import signal
 
     def interrupted(signum, frame):  # `kill` as well as Ctrl-C: unwind, so the partial directory is removed

@@ -34,6 +34,8 @@ import numpy as np
 from lutq.checkpoint.base import Checkpoint
 from lutq.checkpoint.lutq_dir import LutqDirWriter, module_name
 from lutq.errors import LutqError
+from lutq.quantize.calibration import CalibrationSource
+from lutq.quantize.gptq import Hessian, gptq_quantize
 from lutq.quantize.packed import relative_error
 from lutq.quantize.registry import KEEP, get_format
 from lutq.quantize.rules import AUTO, GROUP_SIZES, Choice, Rules
@@ -52,6 +54,8 @@ class QuantizeOptions:
     refine: bool = True
     embed: str = "fp16"
     bits_budget: float | None = None
+    calibration: CalibrationSource | None = None  # --calibration: GPTQ for its inputs (lutq/quantize/gptq.py)
+    sequential: bool = True  # with calibration: each layer's inputs through the layers before it as quantized
 
 
 @dataclass
@@ -179,12 +183,16 @@ def check_fp16_range(name: str, w: np.ndarray) -> None:
                         f"which lutq stores scales and kept weights in; refusing to store infinities")
 
 
-def quantize_tensor(w: np.ndarray, choice: Choice, refine: bool, name: str):
-    """(PackedTensor, relative error); a shape the format cannot take becomes a LutqError naming the tensor."""
+def quantize_tensor(w: np.ndarray, choice: Choice, refine: bool, name: str, hessian: Hessian | None = None):
+    """(PackedTensor, relative error); a shape the format cannot take becomes a LutqError naming the tensor.
+    Given its inputs' Hessian (calibration), GPTQ rounds it."""
     fmt = choice.format
     check_fp16_range(name, w)
     try:
-        p = get_format(fmt).quantize(w, choice.group_size, refine)
+        if hessian is not None:
+            p = gptq_quantize(get_format(fmt), w, hessian, choice.group_size, refine)
+        else:
+            p = get_format(fmt).quantize(w, choice.group_size, refine)
     except ValueError as e:
         raise LutqError(f"{name}: cannot quantize to {fmt}: {e}") from None
     err = relative_error(w, get_format(fmt).dequantize(p))
@@ -208,10 +216,25 @@ def quantize_checkpoint(ckpt: Checkpoint, out: Path, options: QuantizeOptions, f
     report = QuantizeReport(str(ckpt.path), str(out), opts, ckpt.file_bytes())
     with LutqDirWriter(out, force) as writer:
         plan = choose_formats(ckpt, options, on_progress)
+        hessians = None
+        if options.calibration is not None:
+            from lutq.quantize.calibration import LayerHessians, calibration_windows
+
+            if on_progress is not None:
+                on_progress("calibration text", 0, 1)
+            windows = calibration_windows(ckpt, options.calibration)
+            opts["calibration"] = {"source": options.calibration.spec, "tokens": int(windows.size),
+                                   "sequential": options.sequential}
+            hessians = LayerHessians(ckpt, windows, options.sequential)
         extra_head = LM_HEAD in plan and not ckpt.has(LM_HEAD)
         jobs = [(t.name, t.name, t.shape) for t in infos]  # (name written, name read, shape)
         if extra_head:
             jobs.append((LM_HEAD, EMBED, next(t.shape for t in infos if t.name == EMBED)))
+        if hessians is not None:  # Hessians are computed a layer at a time, so quantize in layer order
+            from lutq.quantize.calibration import stage_of
+
+            n_layers = ckpt.config.num_hidden_layers
+            jobs.sort(key=lambda job: -1 if (s := stage_of(job[0], n_layers)) is None else s)
         total, done = sum(int(np.prod(shape)) for _, _, shape in jobs), 0
         for name, source, _ in jobs:
             t0 = time.perf_counter()
@@ -222,13 +245,18 @@ def quantize_checkpoint(ckpt: Checkpoint, out: Path, options: QuantizeOptions, f
                 check_fp16_range(name, w)
                 stored = w.astype(np.float16)
                 writer.add_plain(name, stored)
+                if hessians is not None:
+                    hessians.quantized(name, stored.astype(np.float32))
                 rep = TensorReport(name, KEEP, w.size, stored.nbytes, 16.0, relative_error(w, stored), 0.0)
             elif fmt is None:
                 writer.add_plain(name, w)
                 rep = TensorReport(name, "fp32", w.size, w.nbytes, 32.0, 0.0, 0.0)
             else:
-                p, err = quantize_tensor(w, choice, options.refine, name)
+                hessian = None if hessians is None else hessians.hessian(name)
+                p, err = quantize_tensor(w, choice, options.refine, name, hessian)
                 writer.add_packed(module_name(name), p)
+                if hessians is not None:
+                    hessians.quantized(name, get_format(fmt).dequantize(p))
                 rep = TensorReport(name, fmt, w.size, p.nbytes, p.bits_per_weight, err, 0.0, choice.group_size)
             rep.seconds = time.perf_counter() - t0
             report.tensors.append(rep)

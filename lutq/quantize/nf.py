@@ -137,6 +137,12 @@ class NormalFloatFormat:
             scales[rows] = s.reshape(-1, ng)
 
         for_row_chunks(m, k, fit)
+        return self.pack(q, group_size, scales)
+
+    def pack(self, q: np.ndarray, group_size: int, scales: np.ndarray) -> PackedTensor:
+        """The stored tensor from codes u8[M, K] and scales f16[M, K/G]: the one place its arrays and metadata are
+        put together, for plain rounding and GPTQ alike."""
+        m, k = q.shape
         scheme = layout_of(self.bits)
         version = CODEBOOK_LAYOUT_VERSION if scheme == "codebook" else LAYOUT_VERSION
         meta = {"format": self.name, "bits": self.bits, "group_size": group_size, "shape": [m, k],

@@ -143,6 +143,30 @@ def requantize_params(x: np.ndarray, d: np.ndarray, m: np.ndarray, step: float, 
     return sq.astype(np.uint8), zq.astype(np.uint8), assign(x, s_hat, b_hat, nmax)
 
 
+def tensor_step(scales: np.ndarray, plain_peak: np.ndarray, refine: bool) -> float:
+    """The k variants' scale step: the largest first-pass scale (or plain min/max scale, with the search on, which
+    may still pick it) over 255 codes, so no group's scale clips."""
+    peak = max(float(scales.astype(np.float64).max(initial=0)), float(plain_peak.max(initial=0)) if refine else 0)
+    return float(np.float32(peak / 255))
+
+
+def fit_params_k(x: np.ndarray, d: np.ndarray, b: np.ndarray, step: float, bits: int, refine: bool):
+    """Groups x f64[N, G] with fitted (d, b) -> (scale codes, zero codes, codes) on the k variants' grid of `step`.
+
+    With the search on, each group keeps whichever of its fitted and its plain min/max parameters has the smaller
+    error on that grid, so the search never loses to min/max rounding there either.
+    """
+    sq, zq, codes = requantize_params(x, d, b, step, bits)
+    if refine:
+        d0, b0, _ = fit_groups(x, bits, False)
+        sq0, zq0, codes0 = requantize_params(x, scale_for_zero_point(d0, b0, bits), b0, step, bits)
+        err = sq_error(x, expand_levels(sq, zq, codes, step, bits))
+        plain = sq_error(x, expand_levels(sq0, zq0, codes0, step, bits)) < err
+        sq, zq = np.where(plain, sq0, sq), np.where(plain, zq0, zq)
+        codes = np.where(plain[:, None], codes0, codes)
+    return sq, zq, codes
+
+
 def group_params(p: PackedTensor) -> tuple[np.ndarray, np.ndarray]:
     """(scales, biases) f32[M, K/G] of a stored affine tensor (int, int-k, ternary-group): fp16 as stored, or
     expanded from their codes for the k variants."""
@@ -180,11 +204,38 @@ class UniformFormat:
     def quantize(self, w: np.ndarray, group_size: int = 64, refine: bool = True) -> PackedTensor:
         m, k = check_shape(w, group_size)
         ng = k // group_size
+        q, scales, biases, plain_peak = self.fit_tensor(w, group_size, refine)
+        if not self.quantized_params:
+            return self.pack(q, group_size, {"scales": scales, "biases": biases})
+
+        # Second pass: the scale grid spans the whole tensor, so it is known only once every group is fitted. With
+        # the search on, each group again keeps whichever of its searched and plain parameters has the smaller error,
+        # now on that grid, so the search never loses to min/max rounding here either.
+        step = tensor_step(scales, plain_peak, refine)
+        scale_codes = np.empty((m, ng), np.uint8)
+        zero_codes = np.empty((m, ng), np.uint8)
+
+        def requantize(rows: slice) -> None:
+            x = w[rows].astype(np.float64).reshape(-1, group_size)
+            d, b = scales[rows].astype(np.float64).ravel(), biases[rows].astype(np.float64).ravel()
+            sq, zq, codes = fit_params_k(x, d, b, step, self.bits, refine)
+            q[rows] = codes.reshape(-1, k)
+            scale_codes[rows], zero_codes[rows] = sq.reshape(-1, ng), zq.reshape(-1, ng)
+
+        for_row_chunks(m, k, requantize)
+        return self.pack(q, group_size, {"scale_codes": scale_codes, "zero_codes": zero_codes,
+                                         "scale_step": np.array([step], np.float32)})
+
+    def fit_tensor(self, w: np.ndarray, group_size: int, refine: bool):
+        """The first pass: every group's fitted grid, (codes u8[M, K], scales f16[M, K/G], biases f16[M, K/G],
+        plain_peak f64[M]). For the k variants the scales already hold a zero point's scale (scale_for_zero_point)
+        and plain_peak is each row's largest min/max scale, the other candidate for the tensor's scale step."""
+        m, k = check_shape(w, group_size)
+        ng = k // group_size
         q = np.empty((m, k), np.uint8)
         scales = np.empty((m, ng), np.float16)
         biases = np.empty((m, ng), np.float16)
-
-        plain_peak = np.zeros(m)  # k variants: each row's largest min/max scale (the second pass's other candidate)
+        plain_peak = np.zeros(m)
 
         def fit(rows: slice) -> None:
             x = w[rows].astype(np.float64).reshape(-1, group_size)
@@ -197,38 +248,23 @@ class UniformFormat:
             biases[rows] = b.reshape(-1, ng)
 
         for_row_chunks(m, k, fit)
+        return q, scales, biases, plain_peak
+
+    def scale_step(self, w: np.ndarray, group_size: int, refine: bool) -> float:
+        """The k variants' per-tensor scale step for w: what quantize stores as scale_step."""
+        _, scales, _, plain_peak = self.fit_tensor(w, group_size, refine)
+        return tensor_step(scales, plain_peak, refine)
+
+    def pack(self, q: np.ndarray, group_size: int, params: dict[str, np.ndarray]) -> PackedTensor:
+        """The stored tensor from codes u8[M, K] and its parameter arrays (scales and biases, or the k variants'
+        scale_codes, zero_codes and scale_step): the one place its arrays and metadata are put together, for plain
+        rounding and GPTQ alike."""
+        m, k = q.shape
         meta = {"format": self.name, "bits": self.bits, "group_size": group_size, "shape": [m, k],
                 "layout": "bitserial", "layout_version": LAYOUT_VERSION}
-        if not self.quantized_params:
-            return PackedTensor({"codes": pack_codes(q, self.bits), "scales": scales, "biases": biases}, meta)
-
-        # Second pass: the scale grid spans the whole tensor, so it is known only once every group is fitted. With
-        # the search on, each group again keeps whichever of its searched and plain parameters has the smaller error,
-        # now on that grid, so the search never loses to min/max rounding here either.
-        peak = max(float(scales.astype(np.float64).max(initial=0)), float(plain_peak.max(initial=0)) if refine else 0)
-        step = float(np.float32(peak / 255))
-        scale_codes = np.empty((m, ng), np.uint8)
-        zero_codes = np.empty((m, ng), np.uint8)
-
-        def requantize(rows: slice) -> None:
-            x = w[rows].astype(np.float64).reshape(-1, group_size)
-            d, b = scales[rows].astype(np.float64).ravel(), biases[rows].astype(np.float64).ravel()
-            sq, zq, codes = requantize_params(x, d, b, step, self.bits)
-            if refine:
-                d0, b0, _ = fit_groups(x, self.bits, False)
-                sq0, zq0, codes0 = requantize_params(x, scale_for_zero_point(d0, b0, self.bits), b0, step, self.bits)
-                err = sq_error(x, expand_levels(sq, zq, codes, step, self.bits))
-                plain = sq_error(x, expand_levels(sq0, zq0, codes0, step, self.bits)) < err
-                sq, zq = np.where(plain, sq0, sq), np.where(plain, zq0, zq)
-                codes = np.where(plain[:, None], codes0, codes)
-            q[rows] = codes.reshape(-1, k)
-            scale_codes[rows], zero_codes[rows] = sq.reshape(-1, ng), zq.reshape(-1, ng)
-
-        for_row_chunks(m, k, requantize)
-        meta["param_bits"] = 8
-        arrays = {"codes": pack_codes(q, self.bits), "scale_codes": scale_codes, "zero_codes": zero_codes,
-                  "scale_step": np.array([step], np.float32)}
-        return PackedTensor(arrays, meta)
+        if self.quantized_params:
+            meta["param_bits"] = 8
+        return PackedTensor({"codes": pack_codes(q, self.bits), **params}, meta)
 
     def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Array name -> (dtype, shape) that a tensor with this metadata stores (ValueError: impossible metadata)."""
