@@ -34,7 +34,7 @@ import numpy as np
 from lutq.checkpoint.base import Checkpoint
 from lutq.checkpoint.lutq_dir import LutqDirWriter, module_name
 from lutq.errors import LutqError
-from lutq.quantize.calibration import CalibrationSource
+from lutq.quantize.calibration import CalibrationSource, LayerHessians, calibration_windows, stage_of
 from lutq.quantize.gptq import Hessian, gptq_quantize
 from lutq.quantize.packed import relative_error
 from lutq.quantize.registry import KEEP, get_format
@@ -218,8 +218,6 @@ def quantize_checkpoint(ckpt: Checkpoint, out: Path, options: QuantizeOptions, f
         plan = choose_formats(ckpt, options, on_progress)
         hessians = None
         if options.calibration is not None:
-            from lutq.quantize.calibration import LayerHessians, calibration_windows
-
             if on_progress is not None:
                 on_progress("calibration text", 0, 1)
             windows = calibration_windows(ckpt, options.calibration)
@@ -231,8 +229,6 @@ def quantize_checkpoint(ckpt: Checkpoint, out: Path, options: QuantizeOptions, f
         if extra_head:
             jobs.append((LM_HEAD, EMBED, next(t.shape for t in infos if t.name == EMBED)))
         if hessians is not None:  # Hessians are computed a layer at a time, so quantize in layer order
-            from lutq.quantize.calibration import stage_of
-
             n_layers = ckpt.config.num_hidden_layers
             jobs.sort(key=lambda job: -1 if (s := stage_of(job[0], n_layers)) is None else s)
         total, done = sum(int(np.prod(shape)) for _, _, shape in jobs), 0
