@@ -10,9 +10,9 @@ import pytest
 
 from lutq.errors import LutqError
 from lutq.kernels import codebook, fineq, lut, reference, simd, vnni
-from lutq.kernels.layout import (pack_bitserial, pack_codebook, pack_codebook_pairs, pack_crumbs, pack_group_params,
-                                 pack_group_scales, unpack_bitserial, unpack_codebook, unpack_codebook_pairs,
-                                 unpack_crumbs)
+from lutq.kernels.layout import (pack_bitserial, pack_codebook, pack_codebook3, pack_codebook_pairs, pack_crumbs,
+                                 pack_group_params, pack_group_scales, unpack_bitserial, unpack_codebook,
+                                 unpack_codebook3, unpack_codebook_pairs, unpack_crumbs)
 
 HOST = simd.detect_isa(simd.target_features(), simd.ARCH)
 # Every SIMD ISA this CPU has (x86: avx2, avx512; aarch64: neon), not only the widest the dispatcher picks.
@@ -322,7 +322,7 @@ def test_vnni_gemv(m, k, group):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Codebook formats (nf2/nf3 on bitserial codes, nf4 on nibble codes)
+# Codebook formats (nf2 on bitserial codes or pair nibbles, nf3 on codebook3 codes, nf4 on nibble codes)
 
 NF = {
     2: np.array([-1, 0, 0.3379, 1], np.float32),
@@ -332,11 +332,12 @@ NF = {
 }
 
 
-def test_subset_coefficients_rebuild_the_codebook():
-    cb = NF[3].astype(np.float64)
+@pytest.mark.parametrize("bits", [2, 3])
+def test_subset_coefficients_rebuild_the_codebook(bits):
+    cb = NF[bits].astype(np.float64)
     coefs, base = codebook.subset_coefficients(cb)
-    for q in range(8):
-        value = cb[0] + sum(coefs[s - 1] for s in range(1, 8) if s & q == s)
+    for q in range(1 << bits):
+        value = cb[0] + sum(coefs[s - 1] for s in range(1, 1 << bits) if s & q == s)
         assert abs(value - cb[q]) < 1e-6
     assert abs(base - (cb[0] + coefs.sum() / 2)) < 1e-6
 
@@ -345,6 +346,20 @@ def test_codebook_round_trip():
     q = np.random.default_rng(6).integers(0, 16, (45, 48)).astype(np.uint8)
     np.testing.assert_array_equal(unpack_codebook(pack_codebook(q), 45, 48), q)
     np.testing.assert_array_equal(unpack_codebook_pairs(pack_codebook_pairs(q & 3), 45, 48), q & 3)
+    np.testing.assert_array_equal(unpack_codebook3(pack_codebook3(q & 7), 45, 48), q & 7)
+
+
+def test_codebook3_layout_by_hand():
+    """The documented places (layout.py): code 5 of row 3, column 16 + 13 (the fourth register's column 12 + 2h + j
+    with h = 0, j = 1) lives in the spare bit 3 of the low nibbles of byte 2*3 + 1 of registers 0 and 2 (5 = 0b101);
+    code 6 of column 16 + 6 (register 1, h = 1, j = 0) in the high nibble of byte 2*3 of register 1."""
+    q = np.zeros((32, 32), np.uint8)
+    q[3, 29], q[3, 22] = 5, 6
+    packed = pack_codebook3(q)
+    expected = np.zeros((1, 2, 3, 64), np.uint8)
+    expected[0, 1, 0, 7] = expected[0, 1, 2, 7] = 0x08
+    expected[0, 1, 1, 6] = 0x60
+    np.testing.assert_array_equal(packed, expected)
 
 
 @pytest.mark.parametrize("m,k,group", SHAPES)
@@ -360,11 +375,18 @@ def test_nf_gemv(m, k, group, bits):
     ref = reference.matmul(reference.dequantize_codebook(q, s, cb), x)
     scales = pack_group_scales(s)
     on_codebook_layout = bits == 4 or pairs
-    packed = pack_codebook(q) if bits == 4 else pack_codebook_pairs(q) if pairs else pack_bitserial(q, bits)
+    if bits == 2:
+        packed = pack_codebook_pairs(q) if pairs else pack_bitserial(q, 2)
+    else:
+        packed = pack_codebook(q) if bits == 4 else pack_codebook3(q)
     for exact, tol in ((True, EXACT_TOL), (False, INT8_TOL)):
         for threads in (1, 2):
             out = np.full((2, m), np.nan, np.float32)
-            if on_codebook_layout:
+            if bits == 3:
+                tables = codebook.PairTables(k, group, cb, tokens=2, exact=exact)
+                tables.build(x)
+                codebook.gemv_nf3(packed, scales, tables, out, threads=threads)
+            elif on_codebook_layout:
                 tables = codebook.CodebookTables(k, group, cb, tokens=2, exact=exact)
                 tables.build(x)
                 codebook.gemv_nf4(packed, scales, tables, out, threads=threads)
@@ -375,7 +397,9 @@ def test_nf_gemv(m, k, group, bits):
             assert rel_err(out, ref) <= tol, (exact, threads)
     for isa in SIMD_ISAS:
         out = np.full((2, m), np.nan, np.float32)
-        if on_codebook_layout:
+        if bits == 3:
+            codebook._nf3_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, 0, packed.shape[0], out)
+        elif on_codebook_layout:
             codebook._nf4_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, 0, packed.shape[0], out)
         else:
             coefs, base = codebook.subset_coefficients(cb)

@@ -58,7 +58,7 @@ def test_packed_arrays_are_memory_mapped_views(tiny, tmp_path):
     assert p.format == "nf3" and p.shape == (64, 160) and p.group_size == 32
     for a in p.arrays.values():
         assert not a.flags.writeable and not a.flags.owndata  # views of the map, not copies
-    assert p.arrays["codes"].shape == (2, 160 // 8, 3, 32)
+    assert p.arrays["codes"].shape == (2, 160 // 16, 3, 64)  # layout.pack_codebook3
     assert p.arrays["scales"].dtype == np.float16 and p.arrays["codebook"].dtype == np.float32
     with pytest.raises(CheckpointError, match="not quantized"):
         q.packed("model.norm.weight")

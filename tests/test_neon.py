@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from lutq.kernels import codebook, fineq, lut, simd, vnni
-from lutq.kernels.layout import pack_bitserial, pack_codebook, pack_crumbs, pack_group_params, pack_group_scales
+from lutq.kernels.layout import (pack_bitserial, pack_codebook, pack_codebook3, pack_crumbs, pack_group_params,
+                                 pack_group_scales)
 
 on_neon = pytest.mark.skipif(lut.ISA.name != "neon", reason="the NEON kernels run on aarch64 only")
 
@@ -51,11 +52,15 @@ def fresh_kernels(isa: simd.Isa) -> dict[str, str]:
     fq_tables = fineq.ClusterTables(k, group)
     fq_tables.build(x)
     fq_codes = rng.integers(0, 256, (1, fq_tables.tables.shape[1], 32)).astype(np.uint8)
-    coefs, base = codebook.subset_coefficients(cb[:8])
+    coefs, base = codebook.subset_coefficients(cb[:4])
+    pair_tables = codebook.PairTables(k, group, cb[:8])
+    pair_tables.build(x)
     calls = {
         "int2/3/4 (lut._simd_tiles)": (lut._simd_tiles, (pack_bitserial(codes, 2), params, *t, 2, 0, 1, out)),
-        "nf2/nf3 (codebook._nf_tiles)": (codebook._nf_tiles,
-                                         (pack_bitserial(codes, 3), scales, *t, 3, coefs, base, 0, 1, out)),
+        "nf2 (codebook._nf_tiles)": (codebook._nf_tiles,
+                                     (pack_bitserial(codes, 2), scales, *t, 2, coefs, base, 0, 1, out)),
+        "nf3 (codebook._nf3_tiles)": (codebook._nf3_tiles, (pack_codebook3(codes), scales, pair_tables.tables,
+                                                            pair_tables.tscales, 0, 1, out)),
         "nf4 (codebook._nf4_tiles)": (codebook._nf4_tiles,
                                       (pack_codebook(codes), scales, cb_tables.tables, cb_tables.tscales, 0, 1, out)),
         "fineq (fineq._fineq_tiles)": (fineq._fineq_tiles,

@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 
 from lutq.checkpoint import open_checkpoint
+from lutq.kernels.layout import LAYOUT_VERSION, pack_bitserial
 from lutq.quantize.convert import QuantizeOptions, quantize_checkpoint
+from lutq.quantize.packed import PackedTensor
+from lutq.quantize.registry import dequantize, get_format
 from lutq.quantize.rules import parse_rules
 from lutq.runtime.linear import DenseLinear
 from lutq.runtime.model import load_model
-from lutq.runtime.quant_linear import FusedLinear, QuantLinear
+from lutq.runtime.quant_linear import FusedLinear, QuantLinear, TablePool
 
 FORMATS = ["int2", "int3", "int4", "int4k", "nf2", "nf3", "nf4", "ternary", "ternary-group", "fineq"]
 
@@ -29,6 +32,23 @@ def parts_of(layer) -> list:
 
 def rel_err(got, ref) -> float:
     return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_nf_written_in_the_old_bitserial_layout_still_runs(bits):
+    """nf3 and nf4 were stored bitserial before they got their own layouts: such a tensor still passes the loader's
+    array check, dequantizes to the same weights and runs to the same output as the new layout."""
+    fmt = get_format(f"nf{bits}")
+    rng = np.random.default_rng(bits)
+    new = fmt.quantize(rng.standard_normal((70, 192)).astype(np.float32), 64)
+    old = PackedTensor({**new.arrays, "codes": pack_bitserial(fmt.codes(new), bits)},
+                       {**new.meta, "layout": "bitserial", "layout_version": LAYOUT_VERSION})
+    assert new.meta["layout"] == ("codebook3" if bits == 3 else "codebook")
+    assert {n: (a.dtype, a.shape) for n, a in old.arrays.items()} == fmt.stored_arrays(old.meta)
+    np.testing.assert_array_equal(dequantize(old), dequantize(new))
+    x = rng.standard_normal((3, 192)).astype(np.float32)
+    pool = TablePool()
+    np.testing.assert_array_equal(QuantLinear(old, None, pool)(x), QuantLinear(new, None, pool)(x))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -21,7 +21,8 @@ import numpy as np
 
 from lutq.errors import LutqError
 from lutq.kernels import codebook, fineq, lut, vnni
-from lutq.kernels.layout import (pack_bitserial, pack_codebook, pack_codebook_pairs, pack_crumbs, pack_group_params,
+from lutq.kernels.layout import (pack_bitserial, pack_codebook, pack_codebook3, pack_codebook_pairs, pack_crumbs,
+                                 pack_group_params,
                                  pack_group_scales)
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 2048), (5632, 2048), (4096, 4096)]
@@ -105,13 +106,13 @@ def vnni_contenders(rng, m, k, group, x, tables):
 
 
 def nf_contenders(rng, m, k, group, bits, x, tables):
-    """nf3 on bitserial codes with the shared ±x tables; nf4 (nf2) on nibble codes with a table per activation
+    """nf3 on codebook3 codes with a table per activation pair; nf4 (nf2) on nibble codes with a table per activation
     (activation pair). Random sorted levels: the speed does not depend on them, and lutq.kernels imports nothing
     from quantize. The dequantize baseline is the uniform one of the same bits (same decode work, an affine map
     instead of a codebook lookup)."""
     cb = np.sort(rng.uniform(-1, 1, 1 << bits)).astype(np.float32)  # speed does not depend on the levels
     q = rng.integers(0, 1 << bits, (m, k)).astype(np.uint8)
-    packed = {2: pack_codebook_pairs, 3: lambda c: pack_bitserial(c, 3), 4: pack_codebook}[bits](q)
+    packed = {2: pack_codebook_pairs, 3: pack_codebook3, 4: pack_codebook}[bits](q)
     scales = pack_group_scales(rng.uniform(0.01, 0.1, (m, k // group)).astype(np.float32))
     n = copies_for(packed.nbytes + scales.nbytes)
     weights = [(packed.copy(), scales.copy()) for _ in range(n)]
@@ -123,9 +124,11 @@ def nf_contenders(rng, m, k, group, bits, x, tables):
             cb_tables.build(x)
             codebook.gemv_nf4(*weights[i % n], cb_tables, out)
     else:
+        pair_tables = codebook.PairTables(k, group, cb)
+
         def run_nf(i):
-            tables.build(x)
-            codebook.gemv_nf_bitserial(*weights[i % n], cb, tables, out)
+            pair_tables.build(x)
+            codebook.gemv_nf3(*weights[i % n], pair_tables, out)
 
     _, dequant, _ = bitserial_contenders(rng, m, k, group, bits, False, x, tables)
     return Contender(run_nf, n, packed.nbytes + scales.nbytes), dequant, packed.nbytes
@@ -283,6 +286,7 @@ def first_calls(threads: int = 2) -> list[tuple[str, float]]:
     tables, exact = lut.Tables(k, group), lut.Tables(k, group, exact=True)
     cb2, cb4 = np.linspace(-1, 1, 4).astype(np.float32), np.linspace(-1, 1, 16).astype(np.float32)
     nf4, clusters = codebook.CodebookTables(k, group, cb4), fineq.ClusterTables(k, group)
+    pairs = codebook.PairTables(k, group, cb4[::2])
     acts = vnni.Int8Activations(k, group) if vnni.available() else None
     steps = [
         ("tables int8", lambda: tables.build(x)),
@@ -292,7 +296,8 @@ def first_calls(threads: int = 2) -> list[tuple[str, float]]:
                                                              tables.tscales, tables.sums, 2, threads, out)
          if lut.ISA.name != "portable" else None),
         ("int2/3/4 exact", lambda: lut.gemv_bitserial(pack_bitserial(q, 2), params, 2, exact, out, threads=1)),
-        ("nf2/nf3 GEMV", lambda: codebook.gemv_nf_bitserial(pack_bitserial(q, 2), scales, cb2, tables, out, 1)),
+        ("nf2 GEMV", lambda: codebook.gemv_nf_bitserial(pack_bitserial(q, 2), scales, cb2, tables, out, 1)),
+        ("nf3 tables + GEMV", lambda: (pairs.build(x), codebook.gemv_nf3(pack_codebook3(q), scales, pairs, out, 1))),
         ("nf4 tables + GEMV", lambda: (nf4.build(x), codebook.gemv_nf4(pack_codebook(q), scales, nf4, out, 1))),
         ("fineq tables + GEMV", lambda: (clusters.build(x), fineq.gemv_fineq(
             rng.integers(0, 256, (2, k // 3, 32)).astype(np.uint8), scales, clusters, out, 1))),

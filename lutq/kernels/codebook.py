@@ -1,23 +1,26 @@
 """LUT kernels for codebook formats (nf2/nf3/nf4): W = s * codebook[q] per group, never dequantized.
 
-nf2 and nf3 keep the bitserial layout and the uniform formats' ±x tables (one `lut.Tables` serves both). A code's
-value is a multilinear polynomial of its bits, exact for any codebook (Moebius inversion over bit subsets S):
+nf2 keeps the bitserial layout and the uniform formats' ±x tables (one `lut.Tables` serves both). A code's value is
+a multilinear polynomial of its bits, exact for any codebook (Moebius inversion over bit subsets S):
 
     codebook[q] = c_0 + sum_{S != 0} c_S prod_{b in S} bit_b(q)       c_S = sum_{T subset S} (-1)^{|S|-|T|} codebook[T]
 
 and prod_{b in S} bit_b is itself a bit-plane: the AND of the stored planes in S, formed in registers. Each subset
-plane is looked up like a stored one (3 for nf2, 7 for nf3), summed into its own int16 accumulator, and the
-accumulators meet their float coefficients once per group:
+plane is looked up like a stored one (3 for nf2), summed into its own int16 accumulator, and the accumulators meet
+their float coefficients once per group:
 
     sum_k codebook[q_k] x_k = tscale/2 * sum_S c_S L_S  +  (c_0 + 1/2 sum_S c_S) * S_x       (L_S: table sums)
 
-So nf3 streams exactly its 3 bits per weight. nf4 would need 15 subset planes; it has its own layout instead
-(layout.pack_codebook: one code per nibble) and a 16-entry table per activation, T_k[j] = codebook[j] x_k.
+nf2 also runs (faster: ~1.7x fewer instructions per byte, measured 1.7x slower than int2 on the subsets and about as
+fast as int2 on pairs) on the codebook layout with two codes per nibble (layout.pack_codebook_pairs) and a 16-entry
+table per activation pair, T_i[j] = cb[j & 3] x_2i + cb[j >> 2] x_2i+1.
 
-nf2 runs either way: on bitserial codes with 3 subset planes, or (faster: ~1.7x fewer instructions per byte, measured
-1.7x slower than int2 on the subsets and about as fast as int2 on pairs) on the codebook layout with two codes per
-nibble (layout.pack_codebook_pairs) and a 16-entry table per activation pair,
-T_i[j] = cb[j & 3] x_2i + cb[j >> 2] x_2i+1.
+nf3 would need 7 subset planes (it ran at 1.9-2x int3's time that way). It has its own layout (layout.pack_codebook3:
+a 3-bit code per nibble, the nibbles' spare fourth bits holding every fourth code) and a table per activation pair,
+T_P[e] = cb[e & 7] x_(2P + e // 8): one lookup per weight, no plane arithmetic.
+
+nf4 would need 15 subset planes; it has the codebook layout (layout.pack_codebook: one code per nibble) and a
+16-entry table per activation, T_k[j] = codebook[j] x_k.
 """
 
 from __future__ import annotations
@@ -34,20 +37,20 @@ from lutq.kernels.lut import (ISA, PREFETCH_BYTES, TABLE_MAX, Tables, TableSet, 
 from lutq.kernels.simd import (
     broadcast16_pair,
     broadcast16_x64,
-    duplicate_bytes,
+    code_index,
     fma_f32,
     half,
     high_nibbles,
     i16_to_f32,
     load_f16,
     load_f16x32,
-    load_i8x32,
     load_i8x64,
     low_nibbles,
     odd_to_even,
     prefetch,
     shuffle_bytes,
     splat_f32,
+    spare_codes,
     splat_i16x32,
     vadd,
     vand,
@@ -76,12 +79,10 @@ def _subset_coefficients(codebook: bytes) -> tuple[np.ndarray, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# nf2 / nf3 on the bitserial layout
+# nf2 on the bitserial layout
 #
 #   w  = plane pair chunk:  r0b0 r0b1 r1b0 r1b1 ...       even bytes plane 0, odd bytes plane 1
 #   w01 = w & odd_to_even(w):  r0(b0&b1) 0 r1(b0&b1) 0 ...
-#   nf3: d2 = the lone plane 2 with every byte doubled:  r0b2 r0b2 r1b2 r1b2 ...
-#        w & d2 = r0(b0&b2) r0(b1&b2) ...,   w01 & d2 = r0(b0&b1&b2) 0 ...
 #   pmaddubsw with (1, 0) or (0, 1) keeps the even or odd lookup of each row: one int16 per row and subset
 #   (weigh_pairs; NEON: the 16-bit lanes shifted, sign-extending the even or odd byte).
 
@@ -96,12 +97,12 @@ def _subset_lookup(isa, lo_table, hi_table, v, even, odd):
 
 @njit(cache=True, inline="always")
 def _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t, n, g, y):
-    """y + tile t's rows' sum over quantization group g for token n (nf2/nf3 on bitserial codes)."""
+    """y + tile t's rows' sum over quantization group g for token n (nf2 on bitserial codes: subsets b0, b1, b0b1)."""
     n_pairs = packed.shape[1]
     n_groups = tscales.shape[1]
     pairs_per_group = n_pairs // n_groups
     block = bits * 32
-    a0 = a1 = a01 = a2 = a02 = a12 = a012 = splat_i16x32(0)
+    a0 = a1 = a01 = splat_i16x32(0)
     for p in range(g * pairs_per_group, (g + 1) * pairs_per_group):
         off = (t * n_pairs + p) * block
         prefetch(packed, off + PREFETCH_BYTES)
@@ -112,29 +113,16 @@ def _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t, 
         a0 = vadd(a0, _subset_lookup(isa, lo_t, hi_t, w, 1, 0))
         a1 = vadd(a1, _subset_lookup(isa, lo_t, hi_t, w, 0, 1))
         a01 = vadd(a01, _subset_lookup(isa, lo_t, hi_t, w01, 1, 0))
-        if bits == 3:
-            prefetch(packed, off + PREFETCH_BYTES + 64)
-            d2 = duplicate_bytes(load_i8x32(packed, off + 64))
-            w2 = vand(w, d2)
-            a2 = vadd(a2, _subset_lookup(isa, lo_t, hi_t, d2, 1, 0))
-            a02 = vadd(a02, _subset_lookup(isa, lo_t, hi_t, w2, 1, 0))
-            a12 = vadd(a12, _subset_lookup(isa, lo_t, hi_t, w2, 0, 1))
-            a012 = vadd(a012, _subset_lookup(isa, lo_t, hi_t, vand(w01, d2), 1, 0))
     lookups = fma_f32(i16_to_f32(a0), splat_f32(coefs[0]), zeros_f32x32())
     lookups = fma_f32(i16_to_f32(a1), splat_f32(coefs[1]), lookups)
     lookups = fma_f32(i16_to_f32(a01), splat_f32(coefs[2]), lookups)
-    if bits == 3:
-        lookups = fma_f32(i16_to_f32(a2), splat_f32(coefs[3]), lookups)
-        lookups = fma_f32(i16_to_f32(a02), splat_f32(coefs[4]), lookups)
-        lookups = fma_f32(i16_to_f32(a12), splat_f32(coefs[5]), lookups)
-        lookups = fma_f32(i16_to_f32(a012), splat_f32(coefs[6]), lookups)
     inner = fma_f32(lookups, splat_f32(0.5 * tscales[n, g]), splat_f32(base * sums[n, g]))
     return fma_f32(load_f16x32(scales, (t * n_groups + g) * 32), inner, y)
 
 
 @njit(cache=True)
 def _nf_tiles(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t0, t1, out):
-    """nf2/nf3: packed u8[T, K/8, bits, 32] (bitserial), scales u16[T, K/G, 32] (fp16), ±x tables as lut.Tables.
+    """nf2: packed u8[T, K/8, 2, 32] (bitserial), scales u16[T, K/G, 32] (fp16), ±x tables as lut.Tables.
     Two tiles advance together, as in lut._simd_tiles (two DRAM streams)."""
     n_tok = out.shape[0]
     n_groups = tscales.shape[1]
@@ -311,6 +299,143 @@ class CodebookTables(TableSet):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# nf3 on the codebook3 layout: a code per nibble, a table per activation pair
+#
+#   per tile t and column block b (16 columns), three 64-byte registers R0 R1 R2 (layout.py), byte 2r + j of row r:
+#       Ri nibble h:  code of column 16b + 4i + 2h + j  (bits 0-2)  |  bit i of the code of column 16b + 12 + 2h + j
+#       R3 = spare_codes(R0, R1, R2): the codes of columns 16b + 12 .. 15, in the same places
+#   tables, per column pair P (16 bytes): [ cb[0..7] x_2P | cb[0..7] x_2P+1 ], in every lane
+#   pshufb(table of pair 8b + 2i + h, code_index(Ri, h)): byte 2r + j = T[code + 8j] = cb[code] x_(16b + 4i + 2h + j)
+#   pmaddubsw with (1, 1): int16 per row = its two columns, 32 rows in row order; 8 lookups per 16 columns
+#   every G columns: rows_f32 += s * tscale * acc
+
+
+@njit(cache=True)
+def build_pair_tables(x, codebook, group, quantize, tables, tscales):
+    """x f32[N, K] -> tables [N, K/2, 16]: entry e of pair P is cb[e & 7] x_(2P + e // 8), int8 with tscales
+    f32[N, K/G] (quantize: the value of one step, the group's largest |entry| at 127) or f32 with tscales 1."""
+    n_tok, k = x.shape
+    cb_peak = np.float32(0.0)
+    for e in range(8):
+        cb_peak = max(cb_peak, abs(codebook[e]))
+    for n in range(n_tok):
+        for g in range(k // group):
+            peak = np.float32(0.0)
+            for i in range(g * group, (g + 1) * group):
+                peak = max(peak, abs(x[n, i]))
+            peak *= cb_peak
+            inv = np.float32(TABLE_MAX) / peak if peak > 0 else np.float32(0.0)
+            tscales[n, g] = peak / np.float32(TABLE_MAX) if quantize else np.float32(1.0)
+            for pair in range(g * group // 2, (g + 1) * group // 2):
+                for j in range(2):
+                    v = x[n, 2 * pair + j]
+                    for e in range(8):
+                        if quantize:
+                            tables[n, pair, 8 * j + e] = np.rint(codebook[e] * v * inv)
+                        else:
+                            tables[n, pair, 8 * j + e] = np.float64(codebook[e]) * v
+
+
+@njit(cache=True, inline="always")
+def _pair_lookups(isa, tables, toff, codes):
+    """int16 per row: the sums of both nibbles' lookups of one register (tables of pairs toff/16, toff/16 + 1)."""
+    lo = weigh_pairs(isa, shuffle_bytes(isa, broadcast16_x64(tables, toff), code_index(codes, 0)), 1, 1)
+    return vadd(lo, weigh_pairs(isa, shuffle_bytes(isa, broadcast16_x64(tables, toff + 16), code_index(codes, 1)),
+                                1, 1))
+
+
+@njit(cache=True, inline="always")
+def _nf3_group(isa, packed, scales, tables, tscales, t, n, g, y):
+    """y + tile t's rows' sum over quantization group g for token n (nf3 on codebook3 codes)."""
+    n_blocks = packed.shape[1]
+    n_groups = tscales.shape[1]
+    blocks_per_group = n_blocks // n_groups
+    acc = splat_i16x32(0)
+    for b in range(g * blocks_per_group, (g + 1) * blocks_per_group):
+        off = (t * n_blocks + b) * 192
+        prefetch(packed, off + PREFETCH_BYTES)
+        prefetch(packed, off + PREFETCH_BYTES + 64)
+        prefetch(packed, off + PREFETCH_BYTES + 128)
+        toff = (n * n_blocks + b) * 128
+        r0, r1, r2 = load_i8x64(packed, off), load_i8x64(packed, off + 64), load_i8x64(packed, off + 128)
+        acc = vadd(acc, _pair_lookups(isa, tables, toff, r0))
+        acc = vadd(acc, _pair_lookups(isa, tables, toff + 32, r1))
+        acc = vadd(acc, _pair_lookups(isa, tables, toff + 64, r2))
+        acc = vadd(acc, _pair_lookups(isa, tables, toff + 96, spare_codes(r0, r1, r2)))
+    scale = load_f16x32(scales, (t * n_groups + g) * 32)
+    return fma_f32(scale, fma_f32(i16_to_f32(acc), splat_f32(tscales[n, g]), zeros_f32x32()), y)
+
+
+@njit(cache=True)
+def _nf3_tiles(isa, packed, scales, tables, tscales, t0, t1, out):
+    """nf3: packed u8[T, K/16, 3, 64] (codebook3), scales u16[T, K/G, 32], pair tables [N, K/2, 16]; two tiles
+    advance together, as in lut._simd_tiles (two DRAM streams)."""
+    n_tok = out.shape[0]
+    n_groups = tscales.shape[1]
+    mid = (t1 - t0) // 2
+    for t in range(t0, t0 + mid):
+        for n in range(n_tok):
+            ya = zeros_f32x32()
+            yb = zeros_f32x32()
+            for g in range(n_groups):
+                ya = _nf3_group(isa, packed, scales, tables, tscales, t, n, g, ya)
+                yb = _nf3_group(isa, packed, scales, tables, tscales, t + mid, n, g, yb)
+            store_rows(out, n, t, ya)
+            store_rows(out, n, t + mid, yb)
+    for t in range(t0 + 2 * mid, t1):
+        for n in range(n_tok):
+            y = zeros_f32x32()
+            for g in range(n_groups):
+                y = _nf3_group(isa, packed, scales, tables, tscales, t, n, g, y)
+            store_rows(out, n, t, y)
+
+
+@njit(cache=True)
+def _nf3_plain_tiles(packed, scales, tables, tscales, t0, t1, out):
+    """The same layout read nibble by nibble (exact with f32 tables; the kernel of CPUs without SIMD)."""
+    n_tok, m = out.shape
+    n_blocks = packed.shape[1]
+    n_groups = tscales.shape[1]
+    blocks_per_group = n_blocks // n_groups
+    for t in range(t0, t1):
+        for n in range(n_tok):
+            for r in range(min(TILE_M, m - TILE_M * t)):
+                acc = 0.0
+                for g in range(n_groups):
+                    lookups = 0.0
+                    for b in range(g * blocks_per_group, (g + 1) * blocks_per_group):
+                        for j in range(2):
+                            for h in range(2):
+                                fourth = 0
+                                for i in range(3):
+                                    nibble = (packed[t, b, i, 2 * r + j] >> (4 * h)) & 15
+                                    fourth |= (nibble >> 3) << i
+                                    lookups += np.float64(tables[n, 8 * b + 2 * i + h, 8 * j + (nibble & 7)])
+                                lookups += np.float64(tables[n, 8 * b + 6 + h, 8 * j + fourth])
+                    scale = np.float64(load_f16(scales, (t * n_groups + g) * 32 + r))
+                    acc += scale * np.float64(tscales[n, g]) * lookups
+                out[n, TILE_M * t + r] = acc
+
+
+class PairTables(TableSet):
+    """Tables for the codebook3 layout (nf3): per activation pair, T_P[e] = cb[e & 7] x_(2P + e // 8). int8 with one
+    scale per group (exact=True: fp32)."""
+
+    def __init__(self, k: int, group: int, codebook: np.ndarray, tokens: int = 1, exact: bool = False):
+        check_group(k, group)
+        if len(codebook) != 8 or k % 16 or group % 16:
+            raise LutqError(f"unsupported: pair tables need 8 levels, K and G multiples of 16, got {len(codebook)} "
+                            f"levels, K = {k}, G = {group}")
+        self.k, self.group, self.exact = k, group, exact
+        self.codebook = np.asarray(codebook, np.float32)
+        self.tables = np.zeros((tokens, k // 2, 16), np.float32 if exact else np.int8)
+        self.tscales = np.zeros((tokens, k // group), np.float32)
+
+    def builder(self, x: np.ndarray):
+        return build_pair_tables, (x, self.codebook, self.group, not self.exact, self.tables, self.tscales)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Entry points
 
 
@@ -329,10 +454,10 @@ def _check(packed, scales, out, k, group, tokens, tail):
 
 def gemv_nf_bitserial(packed, scales, codebook, tables: Tables, out, threads: int | None = None,
                       bind: bool = False):
-    """nf2/nf3: out[n, m] = sum_k s codebook[q] x. packed: layout.pack_bitserial; scales: layout.pack_group_scales."""
-    bits = {4: 2, 8: 3}.get(len(codebook))
-    if bits is None:
-        raise LutqError(f"gemv_nf_bitserial runs 4- or 8-level codebooks (nf2, nf3), got {len(codebook)} levels")
+    """nf2: out[n, m] = sum_k s codebook[q] x. packed: layout.pack_bitserial; scales: layout.pack_group_scales."""
+    bits = 2
+    if len(codebook) != 4:
+        raise LutqError(f"gemv_nf_bitserial runs 4-level codebooks (nf2), got {len(codebook)} levels")
     if packed.shape[1] * 8 != tables.k:
         raise LutqError(f"weights with {packed.shape[1] * 8} columns do not match tables of K = {tables.k}")
     _check(packed, scales, out, tables.k, tables.group, tables.tables.shape[0], (bits, TILE_M))
@@ -356,6 +481,18 @@ def gemv_nf4(packed, scales, tables: CodebookTables, out, threads: int | None = 
     if tables.exact or ISA.name == "portable":
         return run_tiles(_nf4_plain_tiles, _parallel_plain_nf4, args, packed.shape[0], weights, threads, out, bind)
     return run_tiles(_nf4_tiles, _parallel_nf4, (ISA,) + args, packed.shape[0], weights, threads, out, bind)
+
+
+def gemv_nf3(packed, scales, tables: PairTables, out, threads: int | None = None, bind: bool = False):
+    """nf3: out[n, m] = sum_k s codebook[q] x. packed: layout.pack_codebook3; scales: layout.pack_group_scales."""
+    if packed.shape[1] * 16 != tables.k:
+        raise LutqError(f"weights with {packed.shape[1] * 16} columns do not match tables of K = {tables.k}")
+    _check(packed, scales, out, tables.k, tables.group, tables.tables.shape[0], (3, 2 * TILE_M))
+    args = (packed, scales, tables.tables, tables.tscales)
+    weights = packed.shape[0] * TILE_M * tables.k * out.shape[0]
+    if tables.exact or ISA.name == "portable":
+        return run_tiles(_nf3_plain_tiles, _parallel_plain_nf3, args, packed.shape[0], weights, threads, out, bind)
+    return run_tiles(_nf3_tiles, _parallel_nf3, (ISA,) + args, packed.shape[0], weights, threads, out, bind)
 
 
 # Thread splits (one contiguous run of tiles per thread; a single run is a plain call).
@@ -389,3 +526,17 @@ def _parallel_plain_nf4(packed, scales, tables, tscales, chunks, out):
     n = packed.shape[0]
     for c in prange(chunks):
         _nf4_plain_tiles(packed, scales, tables, tscales, c * n // chunks, (c + 1) * n // chunks, out)
+
+
+@njit(cache=True, parallel=True)
+def _parallel_nf3(isa, packed, scales, tables, tscales, chunks, out):
+    n = packed.shape[0]
+    for c in prange(chunks):
+        _nf3_tiles(isa, packed, scales, tables, tscales, c * n // chunks, (c + 1) * n // chunks, out)
+
+
+@njit(cache=True, parallel=True)
+def _parallel_plain_nf3(packed, scales, tables, tscales, chunks, out):
+    n = packed.shape[0]
+    for c in prange(chunks):
+        _nf3_plain_tiles(packed, scales, tables, tscales, c * n // chunks, (c + 1) * n // chunks, out)

@@ -39,6 +39,17 @@ Scheme "codebook" (nf4: a 16-entry table per activation, indexed by the whole 4-
     nf2 uses it too, with two 2-bit codes per nibble (`pack_codebook_pairs`): column pair (2i, 2i+1) is the
     virtual column i with code q[2i] | q[2i+1] << 2, and its table is indexed by both codes at once.
 
+Scheme "codebook3" (nf3: a code per nibble, each nibble's spare bit 3 carrying a bit of a fourth code), 16 columns
+in three 64-byte registers, column c = 16 b + 4 i + 2 h + j for register i, nibble h (0 low, 1 high), byte parity j:
+
+    per tile t and column block b, register i = 0, 1, 2, byte 2r + j (row r: its two bytes side by side):
+        low nibble:   q[r, 16b + 4i + j]      | bit_i(q[r, 16b + 12 + j]) << 3
+        high nibble:  q[r, 16b + 4i + 2 + j]  | bit_i(q[r, 16b + 14 + j]) << 3        packed: u8[M_pad / 32, K / 16, 3, 64]
+
+    the spare bits of the three registers make a fourth (columns 16b + 12 .. 15, simd.spare_codes); the index of
+    each lookup is the nibble's 3-bit code with bit 3 = j (simd.code_index), into a pair table [cb x_2P | cb x_2P+1]
+    of the column pair P = c // 2. Exactly 3 bits per weight, no bit-plane arithmetic: 8 lookups per 16 columns.
+
 Group parameters (`pack_group_params`): per-row scales and biases of each quantization group as fp16, in the same tile
 order, so a tile's 32 scales are one 64-byte load: u16[M_pad / 32, K / G, 2, 32] ([..., 0, :] scales, [..., 1, :]
 biases; padding rows have zero scale and bias). `pack_group_scales` is the same without biases (nf, fineq).
@@ -52,6 +63,7 @@ TILE_M = 32
 K_MULTIPLE = 8
 LAYOUT_VERSION = 2
 CODEBOOK_LAYOUT_VERSION = 1  # scheme "codebook" (nf4)
+CODEBOOK3_LAYOUT_VERSION = 1  # scheme "codebook3" (nf3)
 
 
 def padded_rows(m: int) -> int:
@@ -184,6 +196,33 @@ def unpack_codebook_pairs(packed: np.ndarray, m: int, k: int) -> np.ndarray:
     """The inverse of pack_codebook_pairs: u8[M, K]."""
     pairs = unpack_codebook(packed, m, k // 2)
     return np.stack([pairs & 3, pairs >> 2], axis=-1).reshape(m, k)
+
+
+def pack_codebook3(codes: np.ndarray) -> np.ndarray:
+    """codes: u8[M, K] with values < 8, K a multiple of 16 -> u8[M_pad/32, K/16, 3, 64]."""
+    m, k = check_codes(codes, 3, 16)
+    out = np.empty((padded_rows(m) // TILE_M, k // 16, 3, 2 * TILE_M), np.uint8)
+    for tiles in tile_chunks(m, k):
+        c = padded_to_tiles(codes[tiles.start * TILE_M : tiles.stop * TILE_M]).reshape(-1, TILE_M, k // 16, 4, 2, 2)
+        regs = np.stack([c[:, :, :, i] | (((c[:, :, :, 3] >> i) & 1) << 3) for i in range(3)], axis=3)  # [t,r,b,i,h,j]
+        byte = regs[..., 0, :] | (regs[..., 1, :] << 4)  # [t, r, b, i, j]
+        out[tiles] = byte.transpose(0, 2, 3, 1, 4).reshape(-1, k // 16, 3, 2 * TILE_M)
+    return out
+
+
+def unpack_codebook3(packed: np.ndarray, m: int, k: int) -> np.ndarray:
+    """The inverse of pack_codebook3: u8[M, K]."""
+    t, b, i, r = packed.shape
+    if (b * 16, i, r) != (k, 3, 2 * TILE_M) or t * TILE_M < m:
+        raise ValueError(f"packed shape {packed.shape} does not hold {m}x{k} 3-bit codes")
+    out = np.empty((t * TILE_M, k), np.uint8)
+    for tiles in tile_chunks(t * TILE_M, k):
+        byte = packed[tiles].reshape(-1, b, 3, TILE_M, 2).transpose(0, 3, 1, 2, 4)  # [t, r, b, i, j]
+        nib = np.stack([byte & 0xF, byte >> 4], axis=4)  # [t, r, b, i, h, j]
+        fourth = sum(((nib[:, :, :, i] >> 3) & 1) << i for i in range(3)).astype(np.uint8)  # [t, r, b, h, j]
+        c = np.concatenate([nib & 7, fourth[:, :, :, None]], axis=3)  # [t, r, b, 4, h, j]
+        out[tiles.start * TILE_M : tiles.stop * TILE_M] = c.reshape(-1, k)
+    return out[:m]
 
 
 def pack_group_scales(scales: np.ndarray) -> np.ndarray:

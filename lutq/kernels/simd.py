@@ -511,17 +511,6 @@ def odd_to_even(typingctx, v):
 
 
 @intrinsic
-def duplicate_bytes(typingctx, v):
-    """32 bytes -> 64: every byte twice in a row (b0 b0 b1 b1 ...), to line a lone plane up with a plane pair."""
-
-    def codegen(context, builder, sig, args):
-        w = builder.zext(args[0], ir.VectorType(I16, 32))
-        return builder.bitcast(builder.or_(w, builder.shl(w, _splat(w.type, 8))), i8x64.llvm_type)
-
-    return i8x64(v), codegen
-
-
-@intrinsic
 def half(typingctx, v, which):
     """Bytes 0-31 (which = 0) or 32-63 (which = 1) of a 64-byte vector."""
     if not isinstance(which, types.IntegerLiteral):
@@ -544,6 +533,38 @@ def mode_and_low_nibble(typingctx, v):
         return builder.or_(mode, builder.and_(args[0], _splat(args[0].type, 0x0F)))
 
     return v(v), codegen
+
+
+@intrinsic
+def code_index(typingctx, v, which):
+    """The 3-bit codes of a codebook3 register (layout.py) as table indices: the low (which = 0) or high (1) nibble's
+    bits 0-2, and bit 3 set on odd bytes, so even bytes read entries 0-7 (the pair's first activation) and odd bytes
+    entries 8-15 (its second). AVX-512: one vpternlogd (plus the shift for the high nibbles)."""
+    if v != i8x64 or not isinstance(which, types.IntegerLiteral):
+        return None
+    shift = 4 * which.literal_value
+
+    def codegen(context, builder, sig, args):
+        odd = ir.Constant(i8x64.llvm_type, [ir.Constant(I8, 8 * (i & 1)) for i in range(64)])
+        codes = builder.lshr(args[0], _splat(i8x64.llvm_type, shift)) if shift else args[0]
+        return builder.or_(builder.and_(codes, _splat(i8x64.llvm_type, 7)), odd)
+
+    return i8x64(v, which), codegen
+
+
+@intrinsic
+def spare_codes(typingctx, r0, r1, r2):
+    """The fourth register of a codebook3 block from the spare bit 3 of every nibble of the three stored ones: bit b
+    of each nibble's code comes from register b, (r0 >> 3) & 0x11 | (r1 >> 2) & 0x22 | (r2 >> 1) & 0x44."""
+    if not r0 == r1 == r2 == i8x64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        parts = [builder.and_(builder.lshr(r, _splat(i8x64.llvm_type, 3 - b)), _splat(i8x64.llvm_type, 0x11 << b))
+                 for b, r in enumerate(args)]
+        return builder.or_(builder.or_(parts[0], parts[1]), parts[2])
+
+    return i8x64(r0, r1, r2), codegen
 
 
 @intrinsic
@@ -711,7 +732,8 @@ def weigh_pairs(typingctx, isa, v, even, odd):
     even + odd < 256: never saturates). x86: pmaddubsw against the constant weights. NEON, (1, 2), the bit-plane
     pair of lut.py: saddlp (pairwise widening add) + each odd byte as int16 (the 16-bit lane shifted right by 8):
     LLVM folds both into the accumulator (sadalp, ssra), 2 instructions per 16 bytes where maddubs' widen, multiply
-    and pairwise add cost 6. (1, 0) and (0, 1), the even or odd byte alone: shl + ssra, or ssra."""
+    and pairwise add cost 6. (1, 1), codebook3's two columns of a row: saddlp alone. (1, 0) and (0, 1), the even or
+    odd byte alone: shl + ssra, or ssra."""
     _check_isa(isa)
     if v != i8x64 or not isinstance(even, types.IntegerLiteral) or not isinstance(odd, types.IntegerLiteral):
         return None
@@ -727,11 +749,11 @@ def weigh_pairs(typingctx, isa, v, even, odd):
                                32, [w, v])
         lanes = builder.bitcast(v, i16x32.llvm_type)
         odd_bytes = builder.ashr(lanes, _splat(lanes.type, 8))
-        if (a, b) == (1, 2):
+        if (a, b) in ((1, 1), (1, 2)):
             q8 = ir.VectorType(I16, 8)
             pairs = _join(builder, [_call(builder, "llvm.aarch64.neon.saddlp.v8i16.v16i8", q8, [q])
                                     for q in _pieces(builder, v, 16)])
-            return builder.add(pairs, odd_bytes)
+            return pairs if b == 1 else builder.add(pairs, odd_bytes)
         even_bytes = builder.ashr(builder.shl(lanes, _splat(lanes.type, 8)), _splat(lanes.type, 8))
         return builder.add(builder.mul(even_bytes, _splat(lanes.type, a)),
                            builder.mul(odd_bytes, _splat(lanes.type, b)))

@@ -24,8 +24,9 @@ from statistics import NormalDist
 
 import numpy as np
 
-from lutq.kernels.layout import (CODEBOOK_LAYOUT_VERSION, LAYOUT_VERSION, pack_bitserial, pack_codebook, padded_rows,
-                                 unpack_bitserial, unpack_codebook)
+from lutq.kernels.layout import (CODEBOOK3_LAYOUT_VERSION, CODEBOOK_LAYOUT_VERSION, LAYOUT_VERSION, pack_bitserial,
+                                 pack_codebook, pack_codebook3, padded_rows, unpack_bitserial, unpack_codebook,
+                                 unpack_codebook3)
 from lutq.quantize.packed import (PackedTensor, check_shape, for_row_chunks, importance, stored_dims, to_f16,
                                   weighted_error)
 
@@ -102,13 +103,19 @@ def codes_for(x: np.ndarray, s: np.ndarray, cb: np.ndarray) -> np.ndarray:
 
 def layout_of(bits: int) -> str:
     """The code layout each nf format's kernel streams: nf4 looks its whole 4-bit codes up in codebook tables
-    (codebook.gemv_nf4); nf2 and nf3 combine bit-planes (codebook.gemv_nf_bitserial)."""
-    return "codebook" if bits == 4 else "bitserial"
+    (codebook.gemv_nf4), nf3 its 3-bit codes in pair tables (codebook.gemv_nf3); nf2 combines bit-planes
+    (codebook.gemv_nf_bitserial)."""
+    return {4: "codebook", 3: "codebook3"}.get(bits, "bitserial")
+
+
+LAYOUT_VERSIONS = {"bitserial": LAYOUT_VERSION, "codebook": CODEBOOK_LAYOUT_VERSION,
+                   "codebook3": CODEBOOK3_LAYOUT_VERSION}
 
 
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     """The one place the nf formats choose their code layout."""
-    return pack_codebook(q) if layout_of(bits) == "codebook" else pack_bitserial(q, bits)
+    return {"codebook": pack_codebook, "codebook3": pack_codebook3}.get(layout_of(bits),
+                                                                        lambda c: pack_bitserial(c, bits))(q)
 
 
 class NormalFloatFormat:
@@ -144,7 +151,7 @@ class NormalFloatFormat:
         put together, for plain rounding and GPTQ alike."""
         m, k = q.shape
         scheme = layout_of(self.bits)
-        version = CODEBOOK_LAYOUT_VERSION if scheme == "codebook" else LAYOUT_VERSION
+        version = LAYOUT_VERSIONS[scheme]
         meta = {"format": self.name, "bits": self.bits, "group_size": group_size, "shape": [m, k],
                 "layout": scheme, "layout_version": version}
         arrays = {"codes": pack_codes(q, self.bits), "scales": scales, "codebook": self.codebook.copy()}
@@ -152,12 +159,14 @@ class NormalFloatFormat:
 
     def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Array name -> (dtype, shape) that a tensor with this metadata stores (ValueError: impossible metadata)."""
-        # nf4 directories written before it stored the codebook layout hold bitserial codes (repacked at load)
-        old_nf4 = self.bits == 4 and meta.get("layout") == "bitserial"
-        scheme = "bitserial" if old_nf4 else layout_of(self.bits)
+        # nf3 and nf4 directories written before they stored their own layouts hold bitserial codes (repacked at load)
+        old_layout = self.bits in (3, 4) and meta.get("layout") == "bitserial"
+        scheme = "bitserial" if old_layout else layout_of(self.bits)
         m, k, g = stored_dims(meta, self.bits, scheme)
         if scheme == "codebook":
             codes = (padded_rows(m) // 32, k // 4, 2, 32)
+        elif scheme == "codebook3":
+            codes = (padded_rows(m) // 32, k // 16, 3, 64)
         else:
             codes = (padded_rows(m) // 32, k // 8, self.bits, 32)
         return {"codes": (np.dtype(np.uint8), codes), "scales": (np.dtype(np.float16), (m, k // g)),
@@ -167,6 +176,8 @@ class NormalFloatFormat:
         m, k = p.shape
         if p.meta.get("layout") == "codebook":
             return unpack_codebook(np.asarray(p.arrays["codes"]), m, k)
+        if p.meta.get("layout") == "codebook3":
+            return unpack_codebook3(np.asarray(p.arrays["codes"]), m, k)
         return unpack_bitserial(np.asarray(p.arrays["codes"]), p.bits, m, k)
 
     def dequantize(self, p: PackedTensor) -> np.ndarray:

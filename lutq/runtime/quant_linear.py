@@ -7,7 +7,8 @@ decode step allocates no tables.
 
 Which kernel runs which format:
     int2/3/4/6, their k variants, ternary    lut.gemv_bitserial   (+-x tables, kind "pm")
-    nf2, nf3                                 codebook.gemv_nf_bitserial (the same +-x tables)
+    nf2                                      codebook.gemv_nf_bitserial (the same +-x tables)
+    nf3                                      codebook.gemv_nf3     (codebook x activation pair tables, "pair")
     nf4                                      codebook.gemv_nf4     (codebook x activation tables, kind "cb")
     fineq                                    fineq.gemv_fineq      (five tables per 3-activation cluster, "fq")
     anything else (int8)                     dequantized once at load, then BLAS (DenseLinear)
@@ -22,7 +23,8 @@ import numpy as np
 from lutq.kernels import codebook as cb_kernels
 from lutq.kernels import fineq as fq_kernels
 from lutq.kernels import lut
-from lutq.kernels.layout import TILE_M, pack_codebook, pack_group_params, pack_group_scales, unpack_bitserial
+from lutq.kernels.layout import (TILE_M, pack_codebook, pack_codebook3, pack_group_params, pack_group_scales,
+                                 unpack_bitserial)
 from lutq.quantize.packed import PackedTensor
 from lutq.quantize.registry import dequantize
 from lutq.quantize.uniform import group_params
@@ -54,6 +56,8 @@ class TablePool:
             return lut.Tables(k, group, tokens)
         if kind == "fq":
             return fq_kernels.ClusterTables(k, group, tokens)
+        if kind == "pair":
+            return cb_kernels.PairTables(k, group, np.frombuffer(key[3], np.float32), tokens)
         return cb_kernels.CodebookTables(k, group, np.frombuffer(key[3], np.float32), tokens)
 
 
@@ -78,10 +82,16 @@ class QuantLinear:
             self.params = pack_group_params(scales, biases)
             self.bits = BITSERIAL[p.format]
             self.table_key = ("pm", k, self.group)
-        elif p.format in ("nf2", "nf3"):
+        elif p.format == "nf2":
             self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
             self.codebook = np.asarray(a["codebook"], np.float32)
             self.table_key = ("pm", k, self.group)
+        elif p.format == "nf3":
+            self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
+            codebook = np.ascontiguousarray(a["codebook"], np.float32)
+            if p.meta.get("layout") == "bitserial":  # written before nf3 stored its own layout: repacked
+                self.codes = pack_codebook3(unpack_bitserial(self.codes, 3, m, k))
+            self.table_key = ("pair", k, self.group, codebook.tobytes())
         elif p.format == "nf4":
             self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
             codebook = np.ascontiguousarray(a["codebook"], np.float32)
@@ -100,6 +110,8 @@ class QuantLinear:
             return lut.gemv_bitserial(self.codes, self.params, self.bits, tables, out, bind=bind)
         if self.format == "nf4":
             return cb_kernels.gemv_nf4(self.codes, self.params, tables, out, bind=bind)
+        if self.format == "nf3":
+            return cb_kernels.gemv_nf3(self.codes, self.params, tables, out, bind=bind)
         if self.format == "fineq":
             return fq_kernels.gemv_fineq(self.codes, self.params, tables, out, bind=bind)
         return cb_kernels.gemv_nf_bitserial(self.codes, self.params, self.codebook, tables, out, bind=bind)
