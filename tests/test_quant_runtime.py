@@ -34,16 +34,16 @@ def rel_err(got, ref) -> float:
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_nf_written_in_the_old_bitserial_layout_still_runs(bits):
-    """nf3 and nf4 were stored bitserial before they got their own layouts: such a tensor still passes the loader's
-    array check, dequantizes to the same weights and runs to the same output as the new layout."""
+    """nf2, nf3 and nf4 were stored bitserial before they got their own layouts: such a tensor still passes the
+    loader's array check, dequantizes to the same weights and runs to the same output as the new layout."""
     fmt = get_format(f"nf{bits}")
     rng = np.random.default_rng(bits)
     new = fmt.quantize(rng.standard_normal((70, 192)).astype(np.float32), 64)
     old = PackedTensor({**new.arrays, "codes": pack_bitserial(fmt.codes(new), bits)},
                        {**new.meta, "layout": "bitserial", "layout_version": LAYOUT_VERSION})
-    assert new.meta["layout"] == ("codebook3" if bits == 3 else "codebook")
+    assert new.meta["layout"] == {2: "codebook2", 3: "codebook3", 4: "codebook"}[bits]
     assert {n: (a.dtype, a.shape) for n, a in old.arrays.items()} == fmt.stored_arrays(old.meta)
     np.testing.assert_array_equal(dequantize(old), dequantize(new))
     x = rng.standard_normal((3, 192)).astype(np.float32)

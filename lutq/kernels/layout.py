@@ -36,8 +36,9 @@ Scheme "codebook" (nf4: a 16-entry table per activation, indexed by the whole 4-
 
     low nibbles look up the tables of columns (4j, 4j+2) in lanes (0-1, 2-3), high nibbles those of (4j+1, 4j+3).
 
-    nf2 uses it too, with two 2-bit codes per nibble (`pack_codebook_pairs`): column pair (2i, 2i+1) is the
-    virtual column i with code q[2i] | q[2i+1] << 2, and its table is indexed by both codes at once.
+    Scheme "codebook2" (nf2) is this layout of the pair codes, two 2-bit codes per nibble (`pack_codebook_pairs`):
+    column pair (2i, 2i+1) is the virtual column i with code q[2i] | q[2i+1] << 2, its table indexed by both codes
+    at once; packed: u8[M_pad / 32, K / 8, 2, 32].
 
 Scheme "codebook3" (nf3: a code per nibble, each nibble's spare bit 3 carrying a bit of a fourth code), 16 columns
 in three 64-byte registers, column c = 16 b + 4 i + 2 h + j for register i, nibble h (0 low, 1 high), byte parity j:
@@ -64,6 +65,7 @@ K_MULTIPLE = 8
 LAYOUT_VERSION = 2
 CODEBOOK_LAYOUT_VERSION = 1  # scheme "codebook" (nf4)
 CODEBOOK3_LAYOUT_VERSION = 1  # scheme "codebook3" (nf3)
+CODEBOOK2_LAYOUT_VERSION = 1  # scheme "codebook2" (nf2: pack_codebook_pairs)
 
 
 def padded_rows(m: int) -> int:

@@ -24,9 +24,10 @@ from statistics import NormalDist
 
 import numpy as np
 
-from lutq.kernels.layout import (CODEBOOK3_LAYOUT_VERSION, CODEBOOK_LAYOUT_VERSION, LAYOUT_VERSION, pack_bitserial,
-                                 pack_codebook, pack_codebook3, padded_rows, unpack_bitserial, unpack_codebook,
-                                 unpack_codebook3)
+from lutq.kernels.layout import (CODEBOOK2_LAYOUT_VERSION, CODEBOOK3_LAYOUT_VERSION, CODEBOOK_LAYOUT_VERSION,
+                                 LAYOUT_VERSION, pack_bitserial, pack_codebook, pack_codebook3, pack_codebook_pairs,
+                                 padded_rows, unpack_bitserial, unpack_codebook, unpack_codebook3,
+                                 unpack_codebook_pairs)
 from lutq.quantize.packed import (PackedTensor, check_shape, for_row_chunks, importance, stored_dims, to_f16,
                                   weighted_error)
 
@@ -103,19 +104,18 @@ def codes_for(x: np.ndarray, s: np.ndarray, cb: np.ndarray) -> np.ndarray:
 
 def layout_of(bits: int) -> str:
     """The code layout each nf format's kernel streams: nf4 looks its whole 4-bit codes up in codebook tables
-    (codebook.gemv_nf4), nf3 its 3-bit codes in pair tables (codebook.gemv_nf3); nf2 combines bit-planes
-    (codebook.gemv_nf_bitserial)."""
-    return {4: "codebook", 3: "codebook3"}.get(bits, "bitserial")
+    (codebook.gemv_nf4), nf2 the codes of a column pair in the same kernel (a table per activation pair), nf3 its
+    3-bit codes in pair tables (codebook.gemv_nf3)."""
+    return {4: "codebook", 3: "codebook3", 2: "codebook2"}[bits]
 
 
 LAYOUT_VERSIONS = {"bitserial": LAYOUT_VERSION, "codebook": CODEBOOK_LAYOUT_VERSION,
-                   "codebook3": CODEBOOK3_LAYOUT_VERSION}
+                   "codebook3": CODEBOOK3_LAYOUT_VERSION, "codebook2": CODEBOOK2_LAYOUT_VERSION}
 
 
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     """The one place the nf formats choose their code layout."""
-    return {"codebook": pack_codebook, "codebook3": pack_codebook3}.get(layout_of(bits),
-                                                                        lambda c: pack_bitserial(c, bits))(q)
+    return {"codebook": pack_codebook, "codebook3": pack_codebook3, "codebook2": pack_codebook_pairs}[layout_of(bits)](q)
 
 
 class NormalFloatFormat:
@@ -159,12 +159,13 @@ class NormalFloatFormat:
 
     def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Array name -> (dtype, shape) that a tensor with this metadata stores (ValueError: impossible metadata)."""
-        # nf3 and nf4 directories written before they stored their own layouts hold bitserial codes (repacked at load)
-        old_layout = self.bits in (3, 4) and meta.get("layout") == "bitserial"
-        scheme = "bitserial" if old_layout else layout_of(self.bits)
+        # directories written before each nf format stored its own layout hold bitserial codes (repacked at load)
+        scheme = "bitserial" if meta.get("layout") == "bitserial" else layout_of(self.bits)
         m, k, g = stored_dims(meta, self.bits, scheme)
         if scheme == "codebook":
             codes = (padded_rows(m) // 32, k // 4, 2, 32)
+        elif scheme == "codebook2":
+            codes = (padded_rows(m) // 32, k // 8, 2, 32)
         elif scheme == "codebook3":
             codes = (padded_rows(m) // 32, k // 16, 3, 64)
         else:
@@ -178,6 +179,8 @@ class NormalFloatFormat:
             return unpack_codebook(np.asarray(p.arrays["codes"]), m, k)
         if p.meta.get("layout") == "codebook3":
             return unpack_codebook3(np.asarray(p.arrays["codes"]), m, k)
+        if p.meta.get("layout") == "codebook2":
+            return unpack_codebook_pairs(np.asarray(p.arrays["codes"]), m, k)
         return unpack_bitserial(np.asarray(p.arrays["codes"]), p.bits, m, k)
 
     def dequantize(self, p: PackedTensor) -> np.ndarray:

@@ -22,7 +22,7 @@ FORMATS = {f.name: f for f in (
 )}
 # Code layout scheme -> the version this lutq writes and reads.
 LAYOUTS = {"bitserial": layout.LAYOUT_VERSION, "codebook": layout.CODEBOOK_LAYOUT_VERSION,
-           "codebook3": layout.CODEBOOK3_LAYOUT_VERSION,
+           "codebook3": layout.CODEBOOK3_LAYOUT_VERSION, "codebook2": layout.CODEBOOK2_LAYOUT_VERSION,
            "fineq-clusters": fineq.LAYOUT_VERSION, "rowmajor": 1}
 KEEP = "fp16"  # not a format: the rule that leaves a tensor unquantized (stored as fp16)
 

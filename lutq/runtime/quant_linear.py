@@ -7,7 +7,7 @@ decode step allocates no tables.
 
 Which kernel runs which format:
     int2/3/4/6, their k variants, ternary    lut.gemv_bitserial   (+-x tables, kind "pm")
-    nf2                                      codebook.gemv_nf_bitserial (the same +-x tables)
+    nf2                                      codebook.gemv_nf4     (tables per activation pair, kind "cb")
     nf3                                      codebook.gemv_nf3     (codebook x activation pair tables, "pair")
     nf4                                      codebook.gemv_nf4     (codebook x activation tables, kind "cb")
     fineq                                    fineq.gemv_fineq      (five tables per 3-activation cluster, "fq")
@@ -23,8 +23,8 @@ import numpy as np
 from lutq.kernels import codebook as cb_kernels
 from lutq.kernels import fineq as fq_kernels
 from lutq.kernels import lut
-from lutq.kernels.layout import (TILE_M, pack_codebook, pack_codebook3, pack_group_params, pack_group_scales,
-                                 unpack_bitserial)
+from lutq.kernels.layout import (TILE_M, pack_codebook, pack_codebook3, pack_codebook_pairs, pack_group_params,
+                                 pack_group_scales, unpack_bitserial)
 from lutq.quantize.packed import PackedTensor
 from lutq.quantize.registry import dequantize
 from lutq.quantize.uniform import group_params
@@ -84,8 +84,10 @@ class QuantLinear:
             self.table_key = ("pm", k, self.group)
         elif p.format == "nf2":
             self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
-            self.codebook = np.asarray(a["codebook"], np.float32)
-            self.table_key = ("pm", k, self.group)
+            codebook = np.ascontiguousarray(a["codebook"], np.float32)
+            if p.meta.get("layout") == "bitserial":  # written before nf2 stored its own layout: repacked
+                self.codes = pack_codebook_pairs(unpack_bitserial(self.codes, 2, m, k))
+            self.table_key = ("cb", k, self.group, codebook.tobytes())
         elif p.format == "nf3":
             self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
             codebook = np.ascontiguousarray(a["codebook"], np.float32)
@@ -108,13 +110,11 @@ class QuantLinear:
         """The format's kernel over tables into out (bind: and return call(out) for reruns, lut.run_tiles)."""
         if self.format in BITSERIAL:
             return lut.gemv_bitserial(self.codes, self.params, self.bits, tables, out, bind=bind)
-        if self.format == "nf4":
+        if self.format in ("nf2", "nf4"):  # nf2: the same kernel on pair codes and tables per activation pair
             return cb_kernels.gemv_nf4(self.codes, self.params, tables, out, bind=bind)
         if self.format == "nf3":
             return cb_kernels.gemv_nf3(self.codes, self.params, tables, out, bind=bind)
-        if self.format == "fineq":
-            return fq_kernels.gemv_fineq(self.codes, self.params, tables, out, bind=bind)
-        return cb_kernels.gemv_nf_bitserial(self.codes, self.params, self.codebook, tables, out, bind=bind)
+        return fq_kernels.gemv_fineq(self.codes, self.params, tables, out, bind=bind)
 
     def run(self, tables, out: np.ndarray) -> None:
         """out: f32[N, out_features] from tables of the input (built by the caller)."""
@@ -153,8 +153,7 @@ class QuantLinear:
         return (self.format == other.format and self.table_key == other.table_key
                 and self.post_scale is None and other.post_scale is None
                 and self.out_features % TILE_M == 0 and other.out_features % TILE_M == 0
-                and (self.bias is None) == (other.bias is None)
-                and (not hasattr(self, "codebook") or np.array_equal(self.codebook, other.codebook)))
+                and (self.bias is None) == (other.bias is None))  # a codebook is part of its table key
 
     @classmethod
     def stack(cls, parts: list["QuantLinear"]) -> "QuantLinear":
