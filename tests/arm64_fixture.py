@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# Every kernel the runtime has, one per linear layer: bitserial int2/int3/int4/int4k/ternary, nf2 on bit-plane
-# subsets, nf3 on the codebook3 layout, nf4 on the codebook layout, fineq clusters.
+# Every kernel the runtime has, one per linear layer: bitserial int2/int3/int4/int4k/ternary, nf2 on pair
+# codes (the codebook kernel), nf3 on the codebook3 layout, nf4 on the codebook layout, fineq clusters.
 RULES = ("int2,*.0.self_attn.k_proj=int3,*.0.self_attn.v_proj=int4,*.0.self_attn.o_proj=nf2,*.0.mlp.gate_proj=nf3,"
          "*.0.mlp.up_proj=nf4,*.0.mlp.down_proj=fineq,*.1.self_attn.q_proj=ternary,*.1.self_attn.k_proj=int4k,"
          "*.1.self_attn.v_proj=ternary-group,*.1.self_attn.o_proj=int3,*.1.mlp.gate_proj=fineq,*.1.mlp.down_proj=nf4,"

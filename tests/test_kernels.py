@@ -72,8 +72,8 @@ def test_intrinsics_match_numpy(isa):
 @needs_simd
 @pytest.mark.parametrize("isa", SIMD_ISAS)
 def test_weigh_pairs_matches_numpy(isa):
-    """weigh_pairs(v, a, b): int16 a v[2i] + b v[2i+1]; NEON has its own sequences for the kernels' (1, 2), (1, 0),
-    (0, 1) and a multiply for any other pair."""
+    """weigh_pairs(v, a, b): int16 a v[2i] + b v[2i+1]; NEON has its own sequences for the kernels' (1, 2) and
+    (1, 1), and shifts and multiplies for any other pair."""
     from numba import njit
 
     from lutq.kernels.simd import Isa, i16_to_f32, load_i8x64, store_f32x32, weigh_pairs
@@ -83,7 +83,7 @@ def test_weigh_pairs_matches_numpy(isa):
         x = load_i8x64(v, 0)
         store_f32x32(out, 0, i16_to_f32(weigh_pairs(w, x, 1, 2)))
         store_f32x32(out, 32, i16_to_f32(weigh_pairs(w, x, 1, 0)))
-        store_f32x32(out, 64, i16_to_f32(weigh_pairs(w, x, 0, 1)))
+        store_f32x32(out, 64, i16_to_f32(weigh_pairs(w, x, 1, 1)))
         store_f32x32(out, 96, i16_to_f32(weigh_pairs(w, x, 200, 55)))
 
     v = np.random.default_rng(4).integers(-128, 128, 64).astype(np.int8)
@@ -91,7 +91,7 @@ def test_weigh_pairs_matches_numpy(isa):
     out = np.zeros(128, np.float32)
     weigh(Isa(isa), v, out)
     pairs = v.astype(np.int32).reshape(32, 2)
-    for i, (a, b) in enumerate([(1, 2), (1, 0), (0, 1), (200, 55)]):
+    for i, (a, b) in enumerate([(1, 2), (1, 0), (1, 1), (200, 55)]):
         np.testing.assert_array_equal(out[32 * i:32 * (i + 1)], a * pairs[:, 0] + b * pairs[:, 1], err_msg=f"{a, b}")
 
 
@@ -322,7 +322,7 @@ def test_vnni_gemv(m, k, group):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Codebook formats (nf2 on bitserial codes or pair nibbles, nf3 on codebook3 codes, nf4 on nibble codes)
+# Codebook formats (nf2 on pair nibbles, nf3 on codebook3 codes, nf4 on nibble codes)
 
 NF = {
     2: np.array([-1, 0, 0.3379, 1], np.float32),
@@ -330,16 +330,6 @@ NF = {
     4: np.array([-1, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0, 0.0796, 0.1609, 0.2461, 0.3379, 0.4407,
                  0.5626, 0.7230, 1], np.float32),
 }
-
-
-@pytest.mark.parametrize("bits", [2, 3])
-def test_subset_coefficients_rebuild_the_codebook(bits):
-    cb = NF[bits].astype(np.float64)
-    coefs, base = codebook.subset_coefficients(cb)
-    for q in range(1 << bits):
-        value = cb[0] + sum(coefs[s - 1] for s in range(1, 1 << bits) if s & q == s)
-        assert abs(value - cb[q]) < 1e-6
-    assert abs(base - (cb[0] + coefs.sum() / 2)) < 1e-6
 
 
 def test_codebook_round_trip():
@@ -363,22 +353,16 @@ def test_codebook3_layout_by_hand():
 
 
 @pytest.mark.parametrize("m,k,group", SHAPES)
-@pytest.mark.parametrize("bits", [2, 3, 4, "2-pairs"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_nf_gemv(m, k, group, bits):
-    pairs = bits == "2-pairs"
-    bits = 2 if pairs else bits
-    rng = np.random.default_rng(m * k + 7 * bits + pairs)
+    rng = np.random.default_rng(m * k + 7 * bits + 1)
     cb = NF[bits]
     q = rng.integers(0, 1 << bits, (m, k)).astype(np.uint8)
     s = fp16_exact(rng.uniform(0.01, 0.1, (m, k // group)))
     x = rng.standard_normal((2, k)).astype(np.float32)
     ref = reference.matmul(reference.dequantize_codebook(q, s, cb), x)
     scales = pack_group_scales(s)
-    on_codebook_layout = bits == 4 or pairs
-    if bits == 2:
-        packed = pack_codebook_pairs(q) if pairs else pack_bitserial(q, 2)
-    else:
-        packed = pack_codebook(q) if bits == 4 else pack_codebook3(q)
+    packed = {2: pack_codebook_pairs, 3: pack_codebook3, 4: pack_codebook}[bits](q)
     for exact, tol in ((True, EXACT_TOL), (False, INT8_TOL)):
         for threads in (1, 2):
             out = np.full((2, m), np.nan, np.float32)
@@ -386,25 +370,17 @@ def test_nf_gemv(m, k, group, bits):
                 tables = codebook.PairTables(k, group, cb, tokens=2, exact=exact)
                 tables.build(x)
                 codebook.gemv_nf3(packed, scales, tables, out, threads=threads)
-            elif on_codebook_layout:
+            else:
                 tables = codebook.CodebookTables(k, group, cb, tokens=2, exact=exact)
                 tables.build(x)
                 codebook.gemv_nf4(packed, scales, tables, out, threads=threads)
-            else:
-                tables = lut.Tables(k, group, tokens=2, exact=exact)
-                tables.build(x)
-                codebook.gemv_nf_bitserial(packed, scales, cb, tables, out, threads=threads)
             assert rel_err(out, ref) <= tol, (exact, threads)
     for isa in SIMD_ISAS:
         out = np.full((2, m), np.nan, np.float32)
         if bits == 3:
             codebook._nf3_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, 0, packed.shape[0], out)
-        elif on_codebook_layout:
-            codebook._nf4_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, 0, packed.shape[0], out)
         else:
-            coefs, base = codebook.subset_coefficients(cb)
-            codebook._nf_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, tables.sums, bits, coefs,
-                               base, 0, packed.shape[0], out)
+            codebook._nf4_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, 0, packed.shape[0], out)
         assert rel_err(out, ref) <= INT8_TOL, isa
 
 

@@ -52,16 +52,13 @@ def fresh_kernels(isa: simd.Isa) -> dict[str, str]:
     fq_tables = fineq.ClusterTables(k, group)
     fq_tables.build(x)
     fq_codes = rng.integers(0, 256, (1, fq_tables.tables.shape[1], 32)).astype(np.uint8)
-    coefs, base = codebook.subset_coefficients(cb[:4])
     pair_tables = codebook.PairTables(k, group, cb[:8])
     pair_tables.build(x)
     calls = {
         "int2/3/4 (lut._simd_tiles)": (lut._simd_tiles, (pack_bitserial(codes, 2), params, *t, 2, 0, 1, out)),
-        "nf2 (codebook._nf_tiles)": (codebook._nf_tiles,
-                                     (pack_bitserial(codes, 2), scales, *t, 2, coefs, base, 0, 1, out)),
         "nf3 (codebook._nf3_tiles)": (codebook._nf3_tiles, (pack_codebook3(codes), scales, pair_tables.tables,
                                                             pair_tables.tscales, 0, 1, out)),
-        "nf4 (codebook._nf4_tiles)": (codebook._nf4_tiles,
+        "nf4, nf2 (codebook._nf4_tiles)": (codebook._nf4_tiles,
                                       (pack_codebook(codes), scales, cb_tables.tables, cb_tables.tscales, 0, 1, out)),
         "fineq (fineq._fineq_tiles)": (fineq._fineq_tiles,
                                        (fq_codes, scales, fq_tables.tables, fq_tables.tscales, group, 0, 1, out)),

@@ -285,7 +285,8 @@ def first_calls(threads: int = 2) -> list[tuple[str, float]]:
     out = np.zeros((1, m), np.float32)
     tables, exact = lut.Tables(k, group), lut.Tables(k, group, exact=True)
     cb2, cb4 = np.linspace(-1, 1, 4).astype(np.float32), np.linspace(-1, 1, 16).astype(np.float32)
-    nf4, clusters = codebook.CodebookTables(k, group, cb4), fineq.ClusterTables(k, group)
+    nf2, nf4 = codebook.CodebookTables(k, group, cb2), codebook.CodebookTables(k, group, cb4)
+    clusters = fineq.ClusterTables(k, group)
     pairs = codebook.PairTables(k, group, cb4[::2])
     acts = vnni.Int8Activations(k, group) if vnni.available() else None
     steps = [
@@ -296,7 +297,7 @@ def first_calls(threads: int = 2) -> list[tuple[str, float]]:
                                                              tables.tscales, tables.sums, 2, threads, out)
          if lut.ISA.name != "portable" else None),
         ("int2/3/4 exact", lambda: lut.gemv_bitserial(pack_bitserial(q, 2), params, 2, exact, out, threads=1)),
-        ("nf2 GEMV", lambda: codebook.gemv_nf_bitserial(pack_bitserial(q, 2), scales, cb2, tables, out, 1)),
+        ("nf2 tables + GEMV", lambda: (nf2.build(x), codebook.gemv_nf4(pack_codebook_pairs(q), scales, nf2, out, 1))),
         ("nf3 tables + GEMV", lambda: (pairs.build(x), codebook.gemv_nf3(pack_codebook3(q), scales, pairs, out, 1))),
         ("nf4 tables + GEMV", lambda: (nf4.build(x), codebook.gemv_nf4(pack_codebook(q), scales, nf4, out, 1))),
         ("fineq tables + GEMV", lambda: (clusters.build(x), fineq.gemv_fineq(

@@ -1,39 +1,24 @@
 """LUT kernels for codebook formats (nf2/nf3/nf4): W = s * codebook[q] per group, never dequantized.
 
-nf2 keeps the bitserial layout and the uniform formats' ±x tables (one `lut.Tables` serves both). A code's value is
-a multilinear polynomial of its bits, exact for any codebook (Moebius inversion over bit subsets S):
+nf4 has the codebook layout (layout.pack_codebook: one code per nibble) and a 16-entry table per activation,
+T_k[j] = codebook[j] x_k. nf2 runs on the same kernel with two codes per nibble (layout.pack_codebook_pairs) and a
+16-entry table per activation pair, T_i[j] = cb[j & 3] x_2i + cb[j >> 2] x_2i+1.
 
-    codebook[q] = c_0 + sum_{S != 0} c_S prod_{b in S} bit_b(q)       c_S = sum_{T subset S} (-1)^{|S|-|T|} codebook[T]
+nf3 has its own layout (layout.pack_codebook3: a 3-bit code per nibble, the nibbles' spare fourth bits holding every
+fourth code) and a table per column pair, T_P[e] = cb[e & 7] x_(2P + e // 8): one lookup per weight.
 
-and prod_{b in S} bit_b is itself a bit-plane: the AND of the stored planes in S, formed in registers. Each subset
-plane is looked up like a stored one (3 for nf2), summed into its own int16 accumulator, and the accumulators meet
-their float coefficients once per group:
-
-    sum_k codebook[q_k] x_k = tscale/2 * sum_S c_S L_S  +  (c_0 + 1/2 sum_S c_S) * S_x       (L_S: table sums)
-
-nf2 also runs (faster: ~1.7x fewer instructions per byte, measured 1.7x slower than int2 on the subsets and about as
-fast as int2 on pairs) on the codebook layout with two codes per nibble (layout.pack_codebook_pairs) and a 16-entry
-table per activation pair, T_i[j] = cb[j & 3] x_2i + cb[j >> 2] x_2i+1.
-
-nf3 would need 7 subset planes (it ran at 1.9-2x int3's time that way). It has its own layout (layout.pack_codebook3:
-a 3-bit code per nibble, the nibbles' spare fourth bits holding every fourth code) and a table per activation pair,
-T_P[e] = cb[e & 7] x_(2P + e // 8): one lookup per weight, no plane arithmetic.
-
-nf4 would need 15 subset planes; it has the codebook layout (layout.pack_codebook: one code per nibble) and a
-16-entry table per activation, T_k[j] = codebook[j] x_k.
+(nf2 and nf3 once ran on the bitserial layout, each codebook value a multilinear polynomial of the code's bits and
+one bit-plane product looked up per bit subset: 3 subsets for nf2, 7 for nf3, which took 1.9-2x int3's time.)
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 from numba import njit, prange
 
 from lutq.errors import LutqError
 from lutq.kernels.layout import TILE_M
-from lutq.kernels.lut import (ISA, PREFETCH_BYTES, TABLE_MAX, Tables, TableSet, store_rows, check_group, plane_byte,
-                              run_tiles)
+from lutq.kernels.lut import ISA, PREFETCH_BYTES, TABLE_MAX, TableSet, store_rows, check_group, run_tiles
 from lutq.kernels.simd import (
     broadcast16_pair,
     broadcast16_x64,
@@ -46,132 +31,16 @@ from lutq.kernels.simd import (
     load_f16x32,
     load_i8x64,
     low_nibbles,
-    odd_to_even,
     prefetch,
     shuffle_bytes,
     splat_f32,
     spare_codes,
     splat_i16x32,
     vadd,
-    vand,
     weigh_pairs,
     widen_i8_i16,
     zeros_f32x32,
 )
-
-
-def subset_coefficients(codebook: np.ndarray) -> tuple[np.ndarray, float]:
-    """(c_S for S = 1 .. 2^B - 1 as f32[2^B - 1], c_0 + 1/2 sum_S c_S): the bit-plane expansion of a codebook."""
-    return _subset_coefficients(np.asarray(codebook, np.float32).tobytes())
-
-
-@functools.lru_cache(maxsize=64)
-def _subset_coefficients(codebook: bytes) -> tuple[np.ndarray, float]:
-    """Memoised per codebook: the decode path computes nothing per call."""
-    cb = np.frombuffer(codebook, np.float32).astype(np.float64)
-    n = len(cb)
-    coefs = np.zeros(n)
-    for s in range(n):
-        for t in range(n):
-            if t & ~s == 0:
-                coefs[s] += (-1) ** (bin(s).count("1") - bin(t).count("1")) * cb[t]
-    return coefs[1:].astype(np.float32), float(coefs[0] + coefs[1:].sum() / 2)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# nf2 on the bitserial layout
-#
-#   w  = plane pair chunk:  r0b0 r0b1 r1b0 r1b1 ...       even bytes plane 0, odd bytes plane 1
-#   w01 = w & odd_to_even(w):  r0(b0&b1) 0 r1(b0&b1) 0 ...
-#   pmaddubsw with (1, 0) or (0, 1) keeps the even or odd lookup of each row: one int16 per row and subset
-#   (weigh_pairs; NEON: the 16-bit lanes shifted, sign-extending the even or odd byte).
-
-
-@njit(cache=True, inline="always")
-def _subset_lookup(isa, lo_table, hi_table, v, even, odd):
-    """int16 per row: the table sums of plane-chunk v (low nibbles in lo_table, high in hi_table), of its even bytes
-    (even, odd = 1, 0) or its odd bytes (0, 1)."""
-    lo = weigh_pairs(isa, shuffle_bytes(isa, lo_table, low_nibbles(v)), even, odd)
-    return vadd(lo, weigh_pairs(isa, shuffle_bytes(isa, hi_table, high_nibbles(v)), even, odd))
-
-
-@njit(cache=True, inline="always")
-def _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t, n, g, y):
-    """y + tile t's rows' sum over quantization group g for token n (nf2 on bitserial codes: subsets b0, b1, b0b1)."""
-    n_pairs = packed.shape[1]
-    n_groups = tscales.shape[1]
-    pairs_per_group = n_pairs // n_groups
-    block = bits * 32
-    a0 = a1 = a01 = splat_i16x32(0)
-    for p in range(g * pairs_per_group, (g + 1) * pairs_per_group):
-        off = (t * n_pairs + p) * block
-        prefetch(packed, off + PREFETCH_BYTES)
-        toff = (n * n_pairs + p) * 32
-        lo_t, hi_t = broadcast16_x64(tables, toff), broadcast16_x64(tables, toff + 16)
-        w = load_i8x64(packed, off)
-        w01 = vand(w, odd_to_even(w))
-        a0 = vadd(a0, _subset_lookup(isa, lo_t, hi_t, w, 1, 0))
-        a1 = vadd(a1, _subset_lookup(isa, lo_t, hi_t, w, 0, 1))
-        a01 = vadd(a01, _subset_lookup(isa, lo_t, hi_t, w01, 1, 0))
-    lookups = fma_f32(i16_to_f32(a0), splat_f32(coefs[0]), zeros_f32x32())
-    lookups = fma_f32(i16_to_f32(a1), splat_f32(coefs[1]), lookups)
-    lookups = fma_f32(i16_to_f32(a01), splat_f32(coefs[2]), lookups)
-    inner = fma_f32(lookups, splat_f32(0.5 * tscales[n, g]), splat_f32(base * sums[n, g]))
-    return fma_f32(load_f16x32(scales, (t * n_groups + g) * 32), inner, y)
-
-
-@njit(cache=True)
-def _nf_tiles(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t0, t1, out):
-    """nf2: packed u8[T, K/8, 2, 32] (bitserial), scales u16[T, K/G, 32] (fp16), ±x tables as lut.Tables.
-    Two tiles advance together, as in lut._simd_tiles (two DRAM streams)."""
-    n_tok = out.shape[0]
-    n_groups = tscales.shape[1]
-    mid = (t1 - t0) // 2
-    for t in range(t0, t0 + mid):
-        for n in range(n_tok):
-            ya = zeros_f32x32()
-            yb = zeros_f32x32()
-            for g in range(n_groups):
-                ya = _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t, n, g, ya)
-                yb = _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t + mid, n, g, yb)
-            store_rows(out, n, t, ya)
-            store_rows(out, n, t + mid, yb)
-    for t in range(t0 + 2 * mid, t1):
-        for n in range(n_tok):
-            y = zeros_f32x32()
-            for g in range(n_groups):
-                y = _nf_group(isa, packed, scales, tables, tscales, sums, bits, coefs, base, t, n, g, y)
-            store_rows(out, n, t, y)
-
-
-@njit(cache=True)
-def _nf_plain_tiles(packed, scales, tables, tscales, sums, bits, coefs, base, t0, t1, out):
-    """The same subset expansion byte by byte (exact with fp32 tables; the fallback without AVX2)."""
-    n_tok, m = out.shape
-    n_pairs = packed.shape[1]
-    n_groups = tscales.shape[1]
-    pairs_per_group = n_pairs // n_groups
-    flat = packed.reshape(packed.shape[0], n_pairs, bits * 32)
-    planes = np.empty(bits, np.int64)
-    for t in range(t0, t1):
-        for n in range(n_tok):
-            for r in range(min(TILE_M, m - TILE_M * t)):
-                acc = 0.0
-                for g in range(n_groups):
-                    lookups = 0.0
-                    for p in range(g * pairs_per_group, (g + 1) * pairs_per_group):
-                        for b in range(bits):
-                            planes[b] = flat[t, p, plane_byte(b, r, bits)]
-                        for s in range(1, 1 << bits):
-                            v = 0xFF
-                            for b in range(bits):
-                                if (s >> b) & 1:
-                                    v &= planes[b]
-                            lookups += coefs[s - 1] * (np.float64(tables[n, 2 * p, v & 15]) +
-                                                       np.float64(tables[n, 2 * p + 1, v >> 4]))
-                    inner = 0.5 * np.float64(tscales[n, g]) * lookups + base * np.float64(sums[n, g])
-                    acc += np.float64(load_f16(scales, (t * n_groups + g) * 32 + r)) * inner
-                out[n, TILE_M * t + r] = acc
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -452,23 +321,6 @@ def _check(packed, scales, out, k, group, tokens, tail):
         raise LutqError("packed codes, scales and output must be C-contiguous")
 
 
-def gemv_nf_bitserial(packed, scales, codebook, tables: Tables, out, threads: int | None = None,
-                      bind: bool = False):
-    """nf2: out[n, m] = sum_k s codebook[q] x. packed: layout.pack_bitserial; scales: layout.pack_group_scales."""
-    bits = 2
-    if len(codebook) != 4:
-        raise LutqError(f"gemv_nf_bitserial runs 4-level codebooks (nf2), got {len(codebook)} levels")
-    if packed.shape[1] * 8 != tables.k:
-        raise LutqError(f"weights with {packed.shape[1] * 8} columns do not match tables of K = {tables.k}")
-    _check(packed, scales, out, tables.k, tables.group, tables.tables.shape[0], (bits, TILE_M))
-    coefs, base = subset_coefficients(codebook)
-    args = (packed, scales, tables.tables, tables.tscales, tables.sums, bits, coefs, base)
-    weights = packed.shape[0] * TILE_M * tables.k * out.shape[0]
-    if tables.exact or ISA.name == "portable":
-        return run_tiles(_nf_plain_tiles, _parallel_plain_nf, args, packed.shape[0], weights, threads, out, bind)
-    return run_tiles(_nf_tiles, _parallel_nf, (ISA,) + args, packed.shape[0], weights, threads, out, bind)
-
-
 def gemv_nf4(packed, scales, tables: CodebookTables, out, threads: int | None = None, bind: bool = False):
     """nf4 (packed: layout.pack_codebook) or nf2 (packed: layout.pack_codebook_pairs, 4-level tables):
     out[n, m] = sum_k s codebook[q] x; scales: layout.pack_group_scales."""
@@ -496,22 +348,6 @@ def gemv_nf3(packed, scales, tables: PairTables, out, threads: int | None = None
 
 
 # Thread splits (one contiguous run of tiles per thread; a single run is a plain call).
-
-
-@njit(cache=True, parallel=True)
-def _parallel_nf(isa, packed, scales, tables, tscales, sums, bits, coefs, base, chunks, out):
-    n = packed.shape[0]
-    for c in prange(chunks):
-        _nf_tiles(isa, packed, scales, tables, tscales, sums, bits, coefs, base, c * n // chunks,
-                  (c + 1) * n // chunks, out)
-
-
-@njit(cache=True, parallel=True)
-def _parallel_plain_nf(packed, scales, tables, tscales, sums, bits, coefs, base, chunks, out):
-    n = packed.shape[0]
-    for c in prange(chunks):
-        _nf_plain_tiles(packed, scales, tables, tscales, sums, bits, coefs, base, c * n // chunks,
-                        (c + 1) * n // chunks, out)
 
 
 @njit(cache=True, parallel=True)

@@ -476,17 +476,6 @@ def vadd(typingctx, a, b):
 
 
 @intrinsic
-def vand(typingctx, a, b):
-    if a != b:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.and_(args[0], args[1])
-
-    return a(a, b), codegen
-
-
-@intrinsic
 def crumbs(typingctx, v, c):
     """(v >> 2c) & 3 per byte: the c-th 2-bit code of every byte."""
 
@@ -497,17 +486,6 @@ def crumbs(typingctx, v, c):
         return builder.and_(builder.lshr(args[0], builder.add(sv, sv)), _splat(i8x64.llvm_type, 3))
 
     return i8x64(v, c), codegen
-
-
-@intrinsic
-def odd_to_even(typingctx, v):
-    """Each odd byte moved onto the even byte before it, odd bytes zeroed (16-bit lanes shifted right by 8)."""
-
-    def codegen(context, builder, sig, args):
-        w = builder.bitcast(args[0], ir.VectorType(I16, 32))
-        return builder.bitcast(builder.lshr(w, _splat(w.type, 8)), i8x64.llvm_type)
-
-    return i8x64(v), codegen
 
 
 @intrinsic
@@ -732,8 +710,8 @@ def weigh_pairs(typingctx, isa, v, even, odd):
     even + odd < 256: never saturates). x86: pmaddubsw against the constant weights. NEON, (1, 2), the bit-plane
     pair of lut.py: saddlp (pairwise widening add) + each odd byte as int16 (the 16-bit lane shifted right by 8):
     LLVM folds both into the accumulator (sadalp, ssra), 2 instructions per 16 bytes where maddubs' widen, multiply
-    and pairwise add cost 6. (1, 1), codebook3's two columns of a row: saddlp alone. (1, 0) and (0, 1), the even or
-    odd byte alone: shl + ssra, or ssra."""
+    and pairwise add cost 6. (1, 1), codebook3's two columns of a row: saddlp alone. Other weights: the even and odd
+    bytes as int16 (shifts), multiplied and added."""
     _check_isa(isa)
     if v != i8x64 or not isinstance(even, types.IntegerLiteral) or not isinstance(odd, types.IntegerLiteral):
         return None
