@@ -418,6 +418,69 @@ def test_fineq_tables_decode_every_byte_as_the_quantizer_does():
     np.testing.assert_array_equal(fineq.byte_values(), CLUSTER_VALUES)
 
 
+def float64_tables(kind, x, group, cb):
+    """(entries f64[N, tables, 16] in the builder's storage order, table index -> scale block, blocks per group) of
+    the nf and fineq tables, straight from their definitions."""
+    n, k = x.shape
+    x = x.astype(np.float64)
+    cb = cb.astype(np.float64)
+    e = np.arange(16)
+    if kind == "nf4":  # virtual column 4j + c at slot (0, 2, 1, 3)[c]
+        entries = (x[..., None] * cb).reshape(n, k // 4, 4, 16)[:, :, [0, 2, 1, 3]].reshape(n, k, 16)
+        return entries, np.arange(k) // group, 1
+    if kind == "nf2":
+        pairs = x.reshape(n, k // 2, 2)
+        entries = pairs[..., :1] * cb[e & 3] + pairs[..., 1:] * cb[e >> 2]
+        entries = entries.reshape(n, k // 8, 4, 16)[:, :, [0, 2, 1, 3]].reshape(n, k // 2, 16)
+        return entries, np.arange(k // 2) // (group // 2), 1
+    if kind == "nf3":
+        pairs = x.reshape(n, k // 2, 2)
+        return pairs[..., e // 8] * cb[e & 7], np.arange(k // 2) // (group // 2), 1
+    n_clusters = -(-k // 3)
+    xs = np.zeros((n, 3 * n_clusters))
+    xs[:, :k] = x
+    x0, x1, x2 = (xs[:, i::3, None] for i in range(3))
+    lo4, hi4, lo8, hi8, b = (a.astype(np.float64) for a in (fineq.LO4, fineq.HI4, fineq.LO8, fineq.HI8,
+                                                              fineq.B_LEVELS))
+    entries = np.stack([lo4 * x0 + hi4 * x1, lo8 * x1 + hi8 * x2, lo8 * x0 + hi8 * x2, lo8 * x0 + hi8 * x1,
+                        b * np.where(e < 12, x2, x1)], axis=2).reshape(n, 5 * n_clusters, 16)
+    blocks = fineq.ClusterTables(k, group).tscales.shape[2]
+    c = np.arange(n_clusters)
+    g = 3 * c // group  # cluster c belongs to the group of its first weight
+    block = g * blocks + (c - -(-g * group // 3)) // fineq.BLOCK
+    return entries, np.repeat(block, 5), blocks
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf2", "nf3", "fineq"])
+@pytest.mark.parametrize("k, group", [(576, 64), (1536, 32), (160, 32)])
+def test_nf_and_fineq_int8_tables_are_the_rounded_float64_tables(kind, k, group):
+    """The vectorised f32 builds (closed-form peaks, 16 entries per expression) against float64 math: each scale
+    block's largest |entry| at 127, rounded; f32 may round a tie the other way (off by at most one step, rarely);
+    scales equal to the float64 peak / 127 to f32 precision. Codebooks shifted off symmetry, so the peak's closed
+    form sees unequal ends."""
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal((3, k)) * rng.uniform(1e-3, 1e3, (3, 1))).astype(np.float32)
+    x[2, :group] = 0.0  # an all-zero group: zero tables, zero scale
+    cb = {"nf4": NF[4], "nf2": NF[2], "nf3": NF[3]}.get(kind, np.zeros(1)) * np.float32(0.7) + np.float32(0.2)
+    if kind == "fineq":
+        tables = fineq.ClusterTables(k, group, tokens=3)
+    elif kind == "nf3":
+        tables = codebook.PairTables(k, group, cb, tokens=3)
+    else:
+        tables = codebook.CodebookTables(k, group, cb, tokens=3)
+    tables.build(x)
+    entries, block, blocks = float64_tables(kind, x, group, cb)
+    got = tables.tables.reshape(entries.shape)
+    peak = np.zeros((3, (k // group) * blocks))
+    np.maximum.at(peak, (slice(None), block), np.abs(entries).max(-1))
+    scale = np.divide(127.0, peak, out=np.zeros_like(peak), where=peak > 0)
+    want = np.rint(entries * scale[:, block, None])
+    diff = np.abs(got - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    np.testing.assert_allclose(tables.tscales.reshape(peak.shape), peak / 127.0, rtol=1e-6)
+    assert not got[2, block == 0].any() and tables.tscales.reshape(peak.shape)[2, 0] == 0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Caching: a second process loads every kernel from numba's on-disk cache
 

@@ -28,7 +28,7 @@ from numba import njit, prange
 
 from lutq.errors import LutqError
 from lutq.kernels.layout import TILE_M
-from lutq.kernels.lut import ISA, PREFETCH_BYTES, TABLE_MAX, TableSet, store_rows, check_group, run_tiles
+from lutq.kernels.lut import ISA, PREFETCH_BYTES, TABLE_MAX, TableSet, store_rows, run_tiles
 from lutq.kernels.simd import (
     broadcast16_x32,
     fma_f32,
@@ -36,14 +36,18 @@ from lutq.kernels.simd import (
     i16_to_f32,
     load_f16,
     load_f16x32,
+    load_f32x16,
     load_i8x32,
     lookup64,
     mode_and_low_nibble,
     prefetch,
     shuffle_bytes,
     splat_f32,
+    splat_f32x16,
     splat_i16x32,
+    store_rint_i8x16,
     vadd,
+    vmul,
     widen_i8_i16,
     zeros_f32x32,
 )
@@ -56,12 +60,15 @@ BLOCK = 8
 
 # The levels each table entry multiplies (quantize/fineq.py's byte map): A0[lo] = LO4[lo] x0 + HI4[lo] x1;
 # mode m's Am[lo] = LO8[lo] xa + HI8[lo] xb (m = 1, 2, 3 keep (x1, x2), (x0, x2), (x0, x1)); B[m << 2 | h2] =
-# B_LEVELS[m << 2 | h2] times x2 (modes 0-2) or x1 (mode 3).
-LO4 = np.array([(lo & 3) - 1.5 for lo in range(16)])
-HI4 = np.array([(lo >> 2) - 1.5 for lo in range(16)])
-LO8 = np.array([(lo & 7) - 3.5 for lo in range(16)])
-HI8 = np.array([(lo >> 3) - 0.5 for lo in range(16)])
-B_LEVELS = np.array([h2 - 1.5 for h2 in range(4)] + [2 * h2 - 3.0 for h2 in range(4)] * 3)
+# B_LEVELS[m << 2 | h2] times x2 (modes 0-2) or x1 (mode 3): B_X2 + B_X1 with each zero where the other is not.
+# f32 (the levels are halves, exact) so the table builds stay f32 throughout.
+LO4 = np.array([(lo & 3) - 1.5 for lo in range(16)], np.float32)
+HI4 = np.array([(lo >> 2) - 1.5 for lo in range(16)], np.float32)
+LO8 = np.array([(lo & 7) - 3.5 for lo in range(16)], np.float32)
+HI8 = np.array([(lo >> 3) - 0.5 for lo in range(16)], np.float32)
+B_LEVELS = np.array([h2 - 1.5 for h2 in range(4)] + [2 * h2 - 3.0 for h2 in range(4)] * 3, np.float32)
+B_X2 = np.where(np.arange(16) < 12, B_LEVELS, 0).astype(np.float32)
+B_X1 = np.where(np.arange(16) < 12, 0, B_LEVELS).astype(np.float32)
 
 
 @njit(cache=True, inline="always")
@@ -71,39 +78,53 @@ def _group_clusters(g, group, n_clusters):
 
 
 @njit(cache=True, inline="always")
+def _cluster_x(x, n, c):
+    """The activations of cluster c of token n; the last cluster's padding columns read 0 (zero weights)."""
+    k = x.shape[1]
+    x1 = x[n, 3 * c + 1] if 3 * c + 1 < k else np.float32(0.0)
+    x2 = x[n, 3 * c + 2] if 3 * c + 2 < k else np.float32(0.0)
+    return x[n, 3 * c], x1, x2
+
+
+@njit(cache=True, inline="always")
 def _cluster_peak(x0, x1, x2):
     """The largest |entry| of a cluster's five tables, in closed form (each table's extreme entry has every term's
-    sign matched to its activation's): A0 1.5|x0| + 1.5|x1|, Am 3.5|xa| + 0.5|xb|, B 3 max(|x1|, |x2|)."""
+    sign matched to its activation's): A0 1.5|x0| + 1.5|x1|, Am 3.5|xa| + 0.5|xb|, B 3 max(|x1|, |x2|). f32."""
     a0, a1, a2 = abs(x0), abs(x1), abs(x2)
-    peak = max(1.5 * a0 + 1.5 * a1, 3.5 * a1 + 0.5 * a2, 3.5 * a0 + 0.5 * a2)
-    return max(peak, 3.5 * a0 + 0.5 * a1, 3.0 * max(a1, a2))
+    h, q, s = np.float32(0.5), np.float32(1.5), np.float32(3.5)
+    peak = max(q * a0 + q * a1, s * a1 + h * a2, s * a0 + h * a2)
+    return max(peak, s * a0 + h * a1, np.float32(3.0) * max(a1, a2))
 
 
 @njit(cache=True, inline="always")
-def _fill_table(out, lo_levels, hi_levels, xa, xb, inv, quantize):
-    """out[0:16] = lo_levels * xa + hi_levels * xb, times inv and rounded (int8 tables) or as is (exact mode)."""
-    for e in range(16):
-        v = lo_levels[e] * xa + hi_levels[e] * xb
-        out[e] = np.rint(v * inv) if quantize else v
+def _cluster_int8(tables, off, y0, y1, y2):
+    """tables[off:off+80] = A0, A1, A2, A3, B of one cluster (int8, flat) from its activations times 127/peak: each
+    table one 16-wide expression over constant level vectors, rounded, and one 16-byte store."""
+    v0, v1, v2 = splat_f32x16(y0), splat_f32x16(y1), splat_f32x16(y2)
+    lo4, hi4, lo8, hi8 = load_f32x16(LO4, 0), load_f32x16(HI4, 0), load_f32x16(LO8, 0), load_f32x16(HI8, 0)
+    store_rint_i8x16(tables, off, vadd(vmul(lo4, v0), vmul(hi4, v1)))
+    store_rint_i8x16(tables, off + 16, vadd(vmul(lo8, v1), vmul(hi8, v2)))  # mode 1 keeps (x1, x2)
+    store_rint_i8x16(tables, off + 32, vadd(vmul(lo8, v0), vmul(hi8, v2)))  # mode 2 keeps (x0, x2)
+    store_rint_i8x16(tables, off + 48, vadd(vmul(lo8, v0), vmul(hi8, v1)))  # mode 3 keeps (x0, x1)
+    store_rint_i8x16(tables, off + 64, vadd(vmul(load_f32x16(B_X2, 0), v2), vmul(load_f32x16(B_X1, 0), v1)))
 
 
 @njit(cache=True, inline="always")
-def _cluster_tables(x0, x1, x2, inv, quantize, out):
-    """out [5, 16]: A0, A1, A2, A3, B of one cluster (units of the scale, each centred on zero), times inv."""
-    _fill_table(out[0], LO4, HI4, x0, x1, inv, quantize)
-    _fill_table(out[1], LO8, HI8, x1, x2, inv, quantize)  # mode 1 keeps (x1, x2)
-    _fill_table(out[2], LO8, HI8, x0, x2, inv, quantize)  # mode 2 keeps (x0, x2)
-    _fill_table(out[3], LO8, HI8, x0, x1, inv, quantize)  # mode 3 keeps (x0, x1)
+def _cluster_tables(x0, x1, x2, out):
+    """out [5, 16]: A0, A1, A2, A3, B of one cluster, unscaled (the exact mode's f32 tables; byte_values)."""
     for e in range(16):
-        v = B_LEVELS[e] * (x2 if e < 12 else x1)
-        out[4, e] = np.rint(v * inv) if quantize else v
+        out[0, e] = LO4[e] * x0 + HI4[e] * x1
+        out[1, e] = LO8[e] * x1 + HI8[e] * x2
+        out[2, e] = LO8[e] * x0 + HI8[e] * x2
+        out[3, e] = LO8[e] * x0 + HI8[e] * x1
+        out[4, e] = B_X2[e] * x2 + B_X1[e] * x1
 
 
 @njit(cache=True)
-def _build(x, group, tables, tscales, quantize):
-    """tables [N, C, 5, 16] (i8, one scale per block of BLOCK clusters of a group; or f32 with scales 1),
-    tscales f32[N, K/G, blocks per group], from x f32[N, K]. Two passes per block: the peak in closed form, then
-    the entries straight into the tables (16-wide loops the compiler vectorises)."""
+def _build_int8(x, group, tables, tscales):
+    """tables i8[N, C, 5, 16] with one scale per block of BLOCK clusters of a group, tscales f32[N, K/G, blocks
+    per group] (the value of one step), from x f32[N, K]. f32 throughout; two passes per block: the peak in closed
+    form, then each cluster's activations times 127/peak into its five tables (_cluster_int8)."""
     n_tok, k = x.shape
     n_clusters = tables.shape[1]
     for n in range(n_tok):
@@ -111,19 +132,25 @@ def _build(x, group, tables, tscales, quantize):
             c0, c1 = _group_clusters(g, group, n_clusters)
             for blk, start in enumerate(range(c0, c1, BLOCK)):
                 stop = min(c1, start + BLOCK)
-                peak = 0.0
+                peak = np.float32(0.0)
                 for c in range(start, stop):
-                    x1 = np.float64(x[n, 3 * c + 1]) if 3 * c + 1 < k else 0.0  # padding columns: zero weights
-                    x2 = np.float64(x[n, 3 * c + 2]) if 3 * c + 2 < k else 0.0
-                    peak = max(peak, _cluster_peak(np.float64(x[n, 3 * c]), x1, x2))
-                inv = TABLE_MAX / peak if peak > 0 else 0.0
-                if not quantize:
-                    inv = 1.0
-                tscales[n, g, blk] = peak / TABLE_MAX if quantize else 1.0
+                    x0, x1, x2 = _cluster_x(x, n, c)
+                    peak = max(peak, _cluster_peak(x0, x1, x2))
+                inv = np.float32(TABLE_MAX) / peak if peak > 0 else np.float32(0.0)
+                tscales[n, g, blk] = peak / np.float32(TABLE_MAX)
                 for c in range(start, stop):
-                    x1 = np.float64(x[n, 3 * c + 1]) if 3 * c + 1 < k else 0.0
-                    x2 = np.float64(x[n, 3 * c + 2]) if 3 * c + 2 < k else 0.0
-                    _cluster_tables(np.float64(x[n, 3 * c]), x1, x2, inv, quantize, tables[n, c])
+                    x0, x1, x2 = _cluster_x(x, n, c)
+                    _cluster_int8(tables, (n * n_clusters + c) * 80, x0 * inv, x1 * inv, x2 * inv)
+
+
+@njit(cache=True)
+def _build_f32(x, tables):
+    """The exact mode's tables: f32[N, C, 5, 16], unscaled (tscales stay 1)."""
+    n_tok = x.shape[0]
+    for n in range(n_tok):
+        for c in range(tables.shape[1]):
+            x0, x1, x2 = _cluster_x(x, n, c)
+            _cluster_tables(x0, x1, x2, tables[n, c])
 
 
 class ClusterTables(TableSet):
@@ -134,10 +161,12 @@ class ClusterTables(TableSet):
             raise LutqError(f"unsupported shape: K = {k}, group size {group} (need K % G == 0)")
         self.k, self.group, self.exact = k, group, exact
         self.tables = np.zeros((tokens, -(-k // 3), 5, 16), np.float32 if exact else np.int8)
-        self.tscales = np.zeros((tokens, k // group, -(-(group // 3 + 1) // BLOCK)), np.float32)
+        self.tscales = np.ones((tokens, k // group, -(-(group // 3 + 1) // BLOCK)), np.float32)  # exact: stay 1
 
     def builder(self, x: np.ndarray):
-        return _build, (x, self.group, self.tables, self.tscales, not self.exact)
+        if self.exact:
+            return _build_f32, (x, self.tables)
+        return _build_int8, (x, self.group, self.tables, self.tscales)
 
 
 @njit(cache=True, inline="always")
@@ -240,7 +269,7 @@ def gemv_fineq(packed, scales, tables: ClusterTables, out, threads: int | None =
 
 @njit(cache=True)
 def _unit_tables(x0, x1, x2, out):
-    _cluster_tables(x0, x1, x2, 1.0, False, out)
+    _cluster_tables(x0, x1, x2, out)
 
 
 def byte_values() -> np.ndarray:

@@ -22,7 +22,6 @@ a plain numba one used with fp32 tables as the exact mode (tests, 1e-5) and with
 from __future__ import annotations
 
 import functools
-import os
 
 import numba
 import numpy as np

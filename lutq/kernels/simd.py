@@ -192,6 +192,7 @@ class VecModel(models.PrimitiveModel):
 
 i8x32, i8x64 = Vec("i", 8, 32), Vec("i", 8, 64)
 i16x32, i32x16, f32x32 = Vec("i", 16, 32), Vec("i", 32, 16), Vec("f", 32, 32)
+f32x16 = Vec("f", 32, 16)  # the 16 entries of one activation table, before rounding (the table builds)
 
 I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 
@@ -278,6 +279,23 @@ def _loader(vecty):
 
 load_i8x64 = _loader(i8x64)  # 64 bytes of a u8/i8 array
 load_i8x32 = _loader(i8x32)
+load_f32x16 = _loader(f32x16)  # 16 values of an f32 array
+
+
+@intrinsic
+def store_rint_i8x16(typingctx, arr, index, v):
+    """arr[index:index+16] = rint(v) as int8, for an int8 array and |v| < 127.5 (the tables): round to nearest even,
+    convert, narrow, one 16-byte store (AVX-512: vcvtps2dq + vpmovdb; NEON: frintx, fcvtzs, two xtn)."""
+    if v != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        r = _call(builder, "llvm.rint.v16f32", f32x16.llvm_type, [args[2]])
+        q = builder.trunc(builder.fptosi(r, ir.VectorType(I32, 16)), ir.VectorType(I8, 16))
+        builder.store(q, _ptr(context, builder, sig.args[0], args[0], args[1], q.type), align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, index, v), codegen
 
 
 # f32 or fp16 storage (the KV cache): an f32 array, or a u16 array holding fp16 bits, read and written as f32.
@@ -587,6 +605,30 @@ def fma_f32(typingctx, a, b, c):
         return _call(builder, "llvm.fma.v32f32", f32x32.llvm_type, list(args))
 
     return f32x32(a, b, c), codegen
+
+
+@intrinsic
+def vmul(typingctx, a, b):
+    """a * b per lane (float vectors: IEEE, unfused)."""
+    if a != b or not isinstance(a, Vec) or a.kind != "f":
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def splat_f32x16(typingctx, s):
+    """A scalar (converted to f32) in all 16 lanes."""
+
+    def codegen(context, builder, sig, args):
+        s32 = context.cast(builder, args[0], sig.args[0], types.float32)
+        sv = builder.insert_element(ir.Constant(f32x16.llvm_type, ir.Undefined), s32, I32(0))
+        return builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, 16), [0] * 16))
+
+    return f32x16(s), codegen
 
 
 @intrinsic
