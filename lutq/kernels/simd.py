@@ -619,28 +619,27 @@ def vmul(typingctx, a, b):
     return a(a, b), codegen
 
 
-@intrinsic
-def splat_f32x16(typingctx, s):
-    """A scalar (converted to f32) in all 16 lanes."""
+def _splat_f32_codegen(vec):
+    """Codegen of a splat: the scalar argument (any number type, converted to f32) in every lane of vec."""
 
     def codegen(context, builder, sig, args):
         s32 = context.cast(builder, args[0], sig.args[0], types.float32)
-        sv = builder.insert_element(ir.Constant(f32x16.llvm_type, ir.Undefined), s32, I32(0))
-        return builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, 16), [0] * 16))
+        sv = builder.insert_element(ir.Constant(vec.llvm_type, ir.Undefined), s32, I32(0))
+        return builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, vec.count), [0] * vec.count))
 
-    return f32x16(s), codegen
+    return codegen
+
+
+@intrinsic
+def splat_f32x16(typingctx, s):
+    """A scalar (converted to f32) in all 16 lanes."""
+    return f32x16(s), _splat_f32_codegen(f32x16)
 
 
 @intrinsic
 def splat_f32(typingctx, s):
     """A scalar (any number type, converted to f32) in all 32 lanes."""
-
-    def codegen(context, builder, sig, args):
-        s32 = context.cast(builder, args[0], sig.args[0], types.float32)
-        sv = builder.insert_element(ir.Constant(f32x32.llvm_type, ir.Undefined), s32, I32(0))
-        return builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, 32), [0] * 32))
-
-    return f32x32(s), codegen
+    return f32x32(s), _splat_f32_codegen(f32x32)
 
 
 @intrinsic
