@@ -176,11 +176,17 @@ def test_force_swaps_whole_directories(model, tmp_path):
 
 
 def test_signals_wait_for_the_renames(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        with signals_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # the interrupt would land here without the deferral
-            (tmp_path / "done").write_text("")
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell starts background jobs with SIGINT
+    # ignored, and an ignored signal stays ignored after the deferral too.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the interrupt would land here without the deferral
+                (tmp_path / "done").write_text("")
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert (tmp_path / "done").exists()
 
 
