@@ -266,6 +266,18 @@ def quantize(
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Round with GPTQ for these inputs: 'self' "
                                               "(text the model writes itself, 8192 tokens, cached; 'self:TOKENS' for "
                                               "another count) or a UTF-8 text file ('PATH[:TOKENS]')."),
+    rotate: bool = typer.Option(False, "--rotate", help="First turn the residual stream (and each head's values) by "
+                                "a seeded orthogonal matrix, with the norms folded in: an exactly equivalent model "
+                                "with fewer outlier weights (QuaRot). Llama-family models; a tied lm_head becomes its "
+                                "own tensor."),
+    rotate_kind: Optional[str] = typer.Option(None, "--rotate-kind", help="With --rotate: 'hadamard' (randomised "
+                                              "Hadamard, the default) or 'random' (random orthogonal)."),
+    rotate_seed: Optional[int] = typer.Option(None, "--rotate-seed", help="With --rotate: the rotation's seed "
+                                              "(default 0)."),
+    rotate_keep: Optional[int] = typer.Option(None, "--rotate-keep", help="With --rotate: leave the N residual "
+                                              "channels of largest activation energy (massive activations, found by a "
+                                              "short fp run on random tokens) out of the rotation (default 0; SmolLM2 "
+                                              "needs 2)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
@@ -289,6 +301,18 @@ def quantize(
         from lutq.quantize.calibration import parse_calibration
 
         options.calibration = parse_calibration(calibration)
+    if rotate:
+        from lutq.quantize.rotate import KINDS, RotationSpec
+
+        kind = rotate_kind or KINDS[0]
+        if kind not in KINDS:
+            raise LutqError(f"--rotate-kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        keep = rotate_keep or 0
+        if keep < 0:
+            raise LutqError(f"--rotate-keep must be >= 0, got {keep}")
+        options.rotate = RotationSpec(kind, 0 if rotate_seed is None else rotate_seed, keep)
+    elif rotate_kind is not None or rotate_seed is not None or rotate_keep is not None:
+        raise LutqError("--rotate-kind, --rotate-seed and --rotate-keep need --rotate")
     import signal
 
     def interrupted(signum, frame):  # `kill` as well as Ctrl-C: unwind, so the partial directory is removed
@@ -319,7 +343,8 @@ def quantize(
                       f"{f['mean_rel_error']:.4f}", human_bytes(f["bytes"]))
     out.print(table)
     out.print(f"size {human_bytes(summary['bytes_before'])} -> {human_bytes(summary['bytes'])} | "
-              f"linear layers {summary['bits_per_weight']:.3f} bits/weight, all tensors "
+              f"linear layers {summary['bits_per_weight']:.3f} bits/weight (decoder layers "
+              f"{summary['bits_per_weight_layers']:.3f}), all tensors "
               f"{summary['bits_per_weight_all']:.3f} | mean rel. error {summary['mean_rel_error']:.4f} | "
               f"{summary['seconds']:.1f} s", markup=False, soft_wrap=True)
 

@@ -12,6 +12,10 @@ What is quantized, and how:
   source, tie_word_embeddings true) is then the embedding quantized a second time, written as lm_head.weight, and
   the config says tie_word_embeddings false; `lm_head=fp16` keeps it tied, reading the fp16 embedding. With
   --bits-budget and no rule naming it, an untied lm_head is the planner's like any weight and a tied one stays tied.
+- with --rotate (lutq/quantize/rotate.py) everything above applies to the rotated model, whose lm_head is always its
+  own tensor: a tied source's head, which rotation unties, gets its rule's format or DEFAULT_HEAD, and with
+  --bits-budget and no rule fp16 outside the budget (what the tied head was). The summary's bits_per_weight counts
+  every stored lm_head; bits_per_weight_layers the decoder layers alone, comparable between tied and rotated runs.
 
 Peak memory is about two fp32 copies of the largest tensor (the weight and its dequantized copy, for the error
 report) plus a constant, plus the source's memory map: each tensor is loaded, quantized, written and dropped before
@@ -38,6 +42,7 @@ from lutq.quantize.calibration import CalibrationSource, LayerHessians, calibrat
 from lutq.quantize.gptq import Hessian, gptq_quantize
 from lutq.quantize.packed import relative_error
 from lutq.quantize.registry import KEEP, get_format
+from lutq.quantize.rotate import RotatedCheckpoint, RotationSpec, check_formats
 from lutq.quantize.rules import AUTO, GROUP_SIZES, Choice, Rules
 
 EMBED = "model.embed_tokens.weight"
@@ -56,6 +61,7 @@ class QuantizeOptions:
     bits_budget: float | None = None
     calibration: CalibrationSource | None = None  # --calibration: GPTQ for its inputs (lutq/quantize/gptq.py)
     sequential: bool = True  # with calibration: each layer's inputs through the layers before it as quantized
+    rotate: RotationSpec | None = None  # --rotate: quantize the rotated, equivalent model (lutq/quantize/rotate.py)
 
 
 @dataclass
@@ -89,6 +95,7 @@ class QuantizeReport:
 
     def summary(self) -> dict:
         lin = self.linear()
+        layers = [t for t in lin if t.name != LM_HEAD]  # the decoder layers' weights: the same set in every model
         quantized = [t for t in lin if t.format != KEEP]
         params_all = sum(t.params for t in self.tensors)
         formats: dict[str, dict] = {}
@@ -104,6 +111,7 @@ class QuantizeReport:
         return {
             "source": self.source, "out": self.out, **self.options,
             "bits_per_weight": 8 * sum(t.bytes for t in lin) / max(1, sum(t.params for t in lin)),
+            "bits_per_weight_layers": 8 * sum(t.bytes for t in layers) / max(1, sum(t.params for t in layers)),
             "bits_per_weight_all": 8 * self.bytes / max(1, params_all),
             "bytes": self.bytes, "bytes_before": self.bytes_before,
             "mean_rel_error": float(np.mean([t.rel_error for t in quantized])) if quantized else 0.0,
@@ -155,12 +163,26 @@ def choose_formats(ckpt: Checkpoint, options: QuantizeOptions, on_progress=None)
     else:
         from lutq.quantize.planner import plan_budget
 
+        # A head that rotation untied (the source's was tied) stays outside the budget in fp16 as the tied head was
+        # (it read the fp16 embedding), so the budget plans the same weights with or without --rotate.
+        outside = {LM_HEAD: Choice(KEEP, g)} if rotated_head(ckpt) and not options.rules.matching(LM_HEAD) else {}
         pinned = {name: resolved(c) for name in shapes if (c := options.rules.matching(name)) is not None}
-        plan = plan_budget(ckpt, shapes, pinned, options, on_progress)
+        planned = {name: shape for name, shape in shapes.items() if name not in outside}
+        # A rotated model is planned from its source's weights: rotated, every weight is about as Gaussian as the
+        # next and its error per format the same, so the plan would follow sizes alone (SmolLM2 --bits-budget 3.5
+        # --calibration self --rotate --rotate-keep 2: nf3:64 on every down_proj, 48.32; planned on the source, see
+        # models.md). The source's weights say which weights are hard to quantize.
+        measured = ckpt.source if isinstance(ckpt, RotatedCheckpoint) else ckpt
+        plan = {**plan_budget(measured, planned, pinned, options, on_progress), **outside}
     for name, (fmt, group_size) in plan.items():
         if fmt != KEEP and shapes[name][1] % group_size:
             raise LutqError(f"{name}: K = {shapes[name][1]} is not a multiple of the group size {group_size}")
     return plan
+
+
+def rotated_head(ckpt: Checkpoint) -> bool:
+    """Whether ckpt is a rotated model whose lm_head is new (the source's was tied to the embedding)."""
+    return isinstance(ckpt, RotatedCheckpoint) and ckpt.head_untied
 
 
 def load_checked(ckpt: Checkpoint, name: str) -> np.ndarray:
@@ -210,9 +232,13 @@ def quantize_checkpoint(ckpt: Checkpoint, out: Path, options: QuantizeOptions, f
         raise LutqError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {options.group_size}")
     if options.embed not in EMBED_FORMATS:
         raise LutqError(f"--embed must be one of {', '.join(EMBED_FORMATS)}, got {options.embed!r}")
-    infos = ckpt.tensors()
     opts = {"format": str(options.rules), "group_size": options.group_size, "refine": options.refine,
             "embed": options.embed, "bits_budget": options.bits_budget}
+    if options.rotate is not None:  # everything below (planner, calibration, quantize) sees the rotated fp model
+        check_formats(options.rules)
+        ckpt = RotatedCheckpoint(ckpt, options.rotate)
+        opts["rotate"] = options.rotate.to_json()
+    infos = ckpt.tensors()
     report = QuantizeReport(str(ckpt.path), str(out), opts, ckpt.file_bytes())
     with LutqDirWriter(out, force) as writer:
         plan = choose_formats(ckpt, options, on_progress)
