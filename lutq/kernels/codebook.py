@@ -89,7 +89,7 @@ def build_codebook_tables_int8(x, codebook, group, span, tables, tscales):
     f32 throughout, as lut.build_tables_int8: the peak in closed form (_codebook_peak), then per virtual column all
     16 entries as one f32x16 expression over the coefficient vectors (lo, hi) times the activations scaled by
     127/peak, rounded and stored as 16 bytes (simd.store_rint_i8x16; written as a loop over e, LLVM left it scalar).
-    7-9x faster than the earlier float64 scalar build."""
+    5-8x faster than the earlier float64 scalar build at K = 2048 (nf2 pairs 24.6 -> 5.1 us, nf4 37.6 -> 4.7)."""
     n_tok, k = x.shape
     n_quads = tables.shape[1]
     lo, hi = np.empty(16, np.float32), np.empty(16, np.float32)

@@ -115,7 +115,8 @@ LAYOUT_VERSIONS = {"bitserial": LAYOUT_VERSION, "codebook": CODEBOOK_LAYOUT_VERS
 
 def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     """The one place the nf formats choose their code layout."""
-    return {"codebook": pack_codebook, "codebook3": pack_codebook3, "codebook2": pack_codebook_pairs}[layout_of(bits)](q)
+    packers = {"codebook": pack_codebook, "codebook3": pack_codebook3, "codebook2": pack_codebook_pairs}
+    return packers[layout_of(bits)](q)
 
 
 class NormalFloatFormat:
