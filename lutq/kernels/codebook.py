@@ -58,7 +58,7 @@ from lutq.kernels.simd import (
 
 
 # Entry e of a span-2 (nf2 pairs) table weighs x_2i by cb[e & 3] and x_2i+1 by cb[e >> 2]: these pick the codebook
-# entries into constant-position coefficient vectors (built per call, 16 floats each).
+# entries into constant-position coefficient vectors (CodebookTables builds them once, 16 floats each).
 PAIR_LO = np.array([e & 3 for e in range(16)], np.int64)
 PAIR_HI = np.array([e >> 2 for e in range(16)], np.int64)
 
@@ -81,10 +81,11 @@ def _codebook_peak(x, n, i0, i1, span, cb_max, cb_min):
 
 
 @njit(cache=True)
-def build_codebook_tables_int8(x, codebook, group, span, tables, tscales):
+def build_codebook_tables_int8(x, coefs, cb_max, cb_min, group, span, tables, tscales):
     """x f32[N, K] -> tables i8[N, K/(4 span), 4, 16] in quad order (virtual columns 4j, 4j+2, 4j+1, 4j+3), tscales
     f32[N, K/G] (the value of one step: the group's largest |entry| at 127). Entry e of virtual column i: cb[e] x_i
-    (span 1, nf4) or cb[e & 3] x_2i + cb[e >> 2] x_2i+1 (span 2, nf2).
+    (span 1, nf4) or cb[e & 3] x_2i + cb[e >> 2] x_2i+1 (span 2, nf2). coefs f32[2, 16]: the per-entry weights of
+    x_i (or x_2i) and of x_2i+1 (CodebookTables); cb_max, cb_min: the codebook's extremes.
 
     f32 throughout, as lut.build_tables_int8: the peak in closed form (_codebook_peak), then per virtual column all
     16 entries as one f32x16 expression over the coefficient vectors (lo, hi) times the activations scaled by
@@ -92,13 +93,7 @@ def build_codebook_tables_int8(x, codebook, group, span, tables, tscales):
     5-8x faster than the earlier float64 scalar build at K = 2048 (nf2 pairs 24.6 -> 5.1 us, nf4 37.6 -> 4.7)."""
     n_tok, k = x.shape
     n_quads = tables.shape[1]
-    lo, hi = np.empty(16, np.float32), np.empty(16, np.float32)
-    cb_max, cb_min = codebook[0], codebook[0]
-    for e in range(len(codebook)):
-        cb_max, cb_min = max(cb_max, codebook[e]), min(cb_min, codebook[e])
-    for e in range(16):
-        lo[e], hi[e] = (codebook[e], codebook[e]) if span == 1 else (codebook[PAIR_LO[e]], codebook[PAIR_HI[e]])
-    lo_v, hi_v = load_f32x16(lo, 0), load_f32x16(hi, 0)
+    lo_v, hi_v = load_f32x16(coefs[0], 0), load_f32x16(coefs[1], 0)
     per_group = group // span
     for n in range(n_tok):
         for g in range(k // group):
@@ -207,14 +202,19 @@ class CodebookTables(TableSet):
                             f"got {len(codebook)} levels, G = {group}")
         self.k, self.group, self.exact = k, group, exact
         self.span = 2 if len(codebook) == 4 else 1  # activations per table
-        self.codebook = np.asarray(codebook, np.float32)
+        self.codebook = cb = np.asarray(codebook, np.float32)
+        # the int8 build's coefficient vectors, once per table set rather than per build (the decode path allocates
+        # nothing): cb itself (span 1), or the codebook entries each pair entry weighs x_2i and x_2i+1 by (span 2)
+        self.coefs = np.ascontiguousarray([cb, cb] if self.span == 1 else [cb[PAIR_LO], cb[PAIR_HI]], np.float32)
+        self.cb_max, self.cb_min = cb.max(), cb.min()
         self.tables = np.zeros((tokens, k // (4 * self.span), 4, 16), np.float32 if exact else np.int8)
         self.tscales = np.ones((tokens, k // group), np.float32)  # the exact mode's stay 1
 
     def builder(self, x: np.ndarray):
         if self.exact:
             return build_codebook_tables_f32, (x, self.codebook, self.span, self.tables)
-        return build_codebook_tables_int8, (x, self.codebook, self.group, self.span, self.tables, self.tscales)
+        return build_codebook_tables_int8, (x, self.coefs, self.cb_max, self.cb_min, self.group, self.span,
+                                            self.tables, self.tscales)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -230,25 +230,21 @@ class CodebookTables(TableSet):
 
 
 # A pair table's entry e multiplies x_2P (e < 8) or x_2P+1 (e >= 8): 0/1 weights folded into the codebook (cb16
-# first, cb16 second), so all 16 entries are one expression with constant coefficients.
+# first, cb16 second; PairTables builds them once), so all 16 entries are one expression with constant coefficients.
 FIRST = np.array([1.0] * 8 + [0.0] * 8, np.float32)
 SECOND = np.array([0.0] * 8 + [1.0] * 8, np.float32)
 
 
 @njit(cache=True)
-def build_pair_tables_int8(x, codebook, group, tables, tscales):
+def build_pair_tables_int8(x, coefs, cb_peak, group, tables, tscales):
     """x f32[N, K] -> tables i8[N, K/2, 16]: entry e of pair P is cb[e & 7] x_(2P + e // 8), times 127/peak and
     rounded, with tscales f32[N, K/G] (the value of one step; the group's largest |entry|, max |cb| max |x|, at 127).
     f32 throughout, all 16 entries of a pair in one f32x16 expression, cb16 first * y0 + cb16 second * y1, rounded
-    and stored as 16 bytes (build_codebook_tables_int8)."""
+    and stored as 16 bytes (build_codebook_tables_int8). coefs f32[2, 16]: (cb16 first, cb16 second); cb_peak:
+    max |cb| (PairTables)."""
     n_tok, k = x.shape
     n_pairs = tables.shape[1]
-    cb_first, cb_second = np.empty(16, np.float32), np.empty(16, np.float32)
-    cb_peak = np.float32(0.0)
-    for e in range(16):
-        cb_first[e], cb_second[e] = codebook[e & 7] * FIRST[e], codebook[e & 7] * SECOND[e]
-        cb_peak = max(cb_peak, abs(codebook[e & 7]))
-    first, second = load_f32x16(cb_first, 0), load_f32x16(cb_second, 0)
+    first, second = load_f32x16(coefs[0], 0), load_f32x16(coefs[1], 0)
     for n in range(n_tok):
         for g in range(k // group):
             peak = np.float32(0.0)
@@ -363,14 +359,17 @@ class PairTables(TableSet):
             raise LutqError(f"unsupported: pair tables need 8 levels, K and G multiples of 16, got {len(codebook)} "
                             f"levels, K = {k}, G = {group}")
         self.k, self.group, self.exact = k, group, exact
-        self.codebook = np.asarray(codebook, np.float32)
+        self.codebook = cb = np.asarray(codebook, np.float32)
+        cb16 = cb[np.arange(16) & 7]  # the int8 build's coefficients, once per table set (no allocation per build)
+        self.coefs = np.ascontiguousarray([cb16 * FIRST, cb16 * SECOND], np.float32)
+        self.cb_peak = np.abs(cb).max()
         self.tables = np.zeros((tokens, k // 2, 16), np.float32 if exact else np.int8)
         self.tscales = np.ones((tokens, k // group), np.float32)  # the exact mode's stay 1
 
     def builder(self, x: np.ndarray):
         if self.exact:
             return build_pair_tables_f32, (x, self.codebook, self.tables)
-        return build_pair_tables_int8, (x, self.codebook, self.group, self.tables, self.tscales)
+        return build_pair_tables_int8, (x, self.coefs, self.cb_peak, self.group, self.tables, self.tscales)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
