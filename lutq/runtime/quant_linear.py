@@ -23,8 +23,8 @@ import numpy as np
 from lutq.kernels import codebook as cb_kernels
 from lutq.kernels import fineq as fq_kernels
 from lutq.kernels import lut
-from lutq.kernels.layout import (TILE_M, pack_codebook, pack_codebook3, pack_codebook_pairs, pack_group_params,
-                                 pack_group_scales, unpack_bitserial)
+from lutq.kernels.layout import TILE_M, pack_group_params, pack_group_scales, unpack_bitserial
+from lutq.quantize.nf import pack_codes
 from lutq.quantize.packed import PackedTensor
 from lutq.quantize.registry import dequantize
 from lutq.quantize.uniform import group_params
@@ -32,6 +32,8 @@ from lutq.runtime.linear import DenseLinear
 
 BITSERIAL = {"int2": 2, "int3": 3, "int4": 4, "int6": 6, "int2k": 2, "int3k": 3, "int4k": 4, "int6k": 6, "ternary": 2,
              "ternary-group": 2}
+# nf formats -> the table kind of their kernel: nf3's pair tables, else a codebook table per activation (pair)
+NF_TABLE_KINDS = {"nf2": "cb", "nf3": "pair", "nf4": "cb"}
 
 
 class TablePool:
@@ -82,24 +84,12 @@ class QuantLinear:
             self.params = pack_group_params(scales, biases)
             self.bits = BITSERIAL[p.format]
             self.table_key = ("pm", k, self.group)
-        elif p.format == "nf2":
+        elif p.format in NF_TABLE_KINDS:
             self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
             codebook = np.ascontiguousarray(a["codebook"], np.float32)
-            if p.meta.get("layout") == "bitserial":  # written before nf2 stored its own layout: repacked
-                self.codes = pack_codebook_pairs(unpack_bitserial(self.codes, 2, m, k))
-            self.table_key = ("cb", k, self.group, codebook.tobytes())
-        elif p.format == "nf3":
-            self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
-            codebook = np.ascontiguousarray(a["codebook"], np.float32)
-            if p.meta.get("layout") == "bitserial":  # written before nf3 stored its own layout: repacked
-                self.codes = pack_codebook3(unpack_bitserial(self.codes, 3, m, k))
-            self.table_key = ("pair", k, self.group, codebook.tobytes())
-        elif p.format == "nf4":
-            self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
-            codebook = np.ascontiguousarray(a["codebook"], np.float32)
-            if p.meta.get("layout") == "bitserial":  # written before nf4 stored its own layout: repacked (slow)
-                self.codes = pack_codebook(unpack_bitserial(self.codes, 4, m, k))
-            self.table_key = ("cb", k, self.group, codebook.tobytes())
+            if p.meta.get("layout") == "bitserial":  # written before the nf formats stored their own layouts
+                self.codes = pack_codes(unpack_bitserial(self.codes, p.bits, m, k), p.bits)  # repacked (nf4: slow)
+            self.table_key = (NF_TABLE_KINDS[p.format], k, self.group, codebook.tobytes())
         elif p.format == "fineq":
             self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
             self.table_key = ("fq", k, self.group)
