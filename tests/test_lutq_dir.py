@@ -153,6 +153,27 @@ def test_unknown_format_version_is_refused(tiny, tmp_path):
         open_checkpoint(tmp_path / "q")
 
 
+def test_fineq_layout_1_is_still_read_and_others_refused(tiny, tmp_path):
+    """fineq directories written before layout 2 (cluster bytes unswapped) open and dequantize as layout 1; a
+    version this lutq never wrote is refused."""
+    from lutq.quantize import fineq
+
+    quantize(tiny, tmp_path / "q", "fineq")
+    name = "model.layers.0.mlp.up_proj"
+    with open_checkpoint(tmp_path / "q") as ckpt:
+        assert ckpt.packed(name + ".weight").meta["layout_version"] == 2
+        codes = np.asarray(ckpt.packed(name + ".weight").arrays["codes"])
+        m = ckpt.packed(name + ".weight").shape[0]
+    edit_config(tmp_path / "q", lambda c: c["quantization_config"]["tensors"][name].update(layout_version=1))
+    with open_checkpoint(tmp_path / "q") as ckpt:  # read as layout 1: the same bytes taken as unswapped
+        p = ckpt.packed(name + ".weight")
+        assert np.array_equal(fineq.unpack(np.asarray(p.arrays["codes"]), m, p.meta["layout_version"]),
+                              fineq.unpack(codes, m, 1))
+    edit_config(tmp_path / "q", lambda c: c["quantization_config"]["tensors"][name].update(layout_version=3))
+    with pytest.raises(CheckpointError, match="code layout 'fineq-clusters' version 3"):
+        open_checkpoint(tmp_path / "q")
+
+
 def test_stale_code_layout_and_broken_entries_are_refused(tiny, tmp_path):
     quantize(tiny, tmp_path / "q")
     name = "model.layers.0.mlp.up_proj"

@@ -51,6 +51,24 @@ def test_nf_written_in_the_old_bitserial_layout_still_runs(bits):
     np.testing.assert_array_equal(QuantLinear(old, None, pool)(x), QuantLinear(new, None, pool)(x))
 
 
+def test_fineq_written_in_layout_1_still_runs():
+    """fineq stored its cluster bytes unswapped before layout 2: such a tensor passes the loader's array check,
+    dequantizes to the same weights and runs to the same output (its bytes re-ordered at load)."""
+    from lutq.quantize import fineq
+
+    fmt = get_format("fineq")
+    rng = np.random.default_rng(3)
+    new = fmt.quantize(rng.standard_normal((70, 192)).astype(np.float32), 64)
+    old = PackedTensor({**new.arrays, "codes": np.ascontiguousarray(fineq.stored_bytes(new.arrays["codes"]))},
+                       {**new.meta, "layout_version": 1})
+    assert new.meta["layout_version"] == 2 and not np.array_equal(old.arrays["codes"], new.arrays["codes"])
+    assert {n: (a.dtype, a.shape) for n, a in old.arrays.items()} == fmt.stored_arrays(old.meta)
+    np.testing.assert_array_equal(dequantize(old), dequantize(new))
+    x = rng.standard_normal((3, 192)).astype(np.float32)
+    pool = TablePool()
+    np.testing.assert_array_equal(QuantLinear(old, None, pool)(x), QuantLinear(new, None, pool)(x))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_lut_model_matches_dequantized_model(tiny_models, tmp_path, fmt):
     src, model = tiny_models("llama")

@@ -185,8 +185,19 @@ def test_fineq_pack_round_trips(m, kc, seed):
     clusters = np.random.default_rng(seed).integers(0, 256, (m, kc), dtype=np.uint8)
     packed = fineq.pack(clusters)
     assert packed.shape == (-(-m // 32), kc, 32)
-    assert np.array_equal(packed[0, :, 0], clusters[0])  # rows innermost
+    assert np.array_equal(packed[0, :, 0], fineq.stored_bytes(clusters[0]))  # rows innermost
     assert np.array_equal(fineq.unpack(packed, m), clusters)
+    assert np.array_equal(fineq.unpack(np.ascontiguousarray(fineq.stored_bytes(packed)), m, version=1), clusters)
+
+
+def test_fineq_stored_bytes_put_the_mode_in_bits_5_4():
+    """Layout 2 stores (payload >> 4) << 6 | mode << 4 | (payload & 15); the swap is its own inverse."""
+    every = np.arange(256, dtype=np.uint8)
+    stored = fineq.stored_bytes(every)
+    assert np.array_equal((stored >> 4) & 3, every >> 6)
+    assert np.array_equal(stored & 15, every & 15)
+    assert np.array_equal(stored >> 6, (every >> 4) & 3)
+    assert np.array_equal(fineq.stored_bytes(stored), every)
 
 
 def test_fineq_byte_map():

@@ -204,7 +204,7 @@ class LutqCheckpoint(HFCheckpoint):
     def _check_entry(self, module: str, meta) -> None:
         """A quantized tensor's metadata is one this lutq reads, and its stored arrays are exactly the ones, of the
         dtypes and shapes, that the metadata implies: nothing downstream indexes past an array."""
-        from lutq.quantize.registry import FORMATS, LAYOUTS
+        from lutq.quantize.registry import FORMATS, LAYOUTS, READABLE_LAYOUTS
 
         where = self.path / "config.json"
         fmt = meta.get("format") if isinstance(meta, dict) else meta
@@ -212,7 +212,7 @@ class LutqCheckpoint(HFCheckpoint):
             raise CheckpointError(where, f"tensor {module!r}: unknown format {fmt!r}")
         scheme, version = meta.get("layout"), meta.get("layout_version")
         known = LAYOUTS.get(scheme) if isinstance(scheme, str) else None
-        if known is None or version != known or isinstance(version, bool):
+        if known is None or isinstance(version, bool) or version not in READABLE_LAYOUTS.get(scheme, (known,)):
             raise CheckpointError(where, f"tensor {module!r}: code layout {scheme!r} version {version!r} is not the one "
                                          f"this lutq reads ({known or 'none'}); quantize the model again")
         try:

@@ -1,22 +1,29 @@
 """LUT kernel for fineq: clusters of 3 weights, one byte each (lutq/quantize/fineq.py, docs/FORMAT.md).
 
-A cluster byte is a 2-bit mode (bits 7-6) and 6 bits of payload; mode 0 holds three 2-bit codes, modes 1-3 zero
-one weight and give the other two (a, b) 3-bit codes. Its dot product with the cluster's activations (x0, x1, x2),
-in units of the group scale, splits into a part of the low nibble and a part of the high nibble:
+A cluster byte is a 2-bit mode and 6 bits of payload; mode 0 holds three 2-bit codes, modes 1-3 zero one weight and
+give the other two (a, b) 3-bit codes. The stored byte (layout 2) keeps the mode in bits 5-4, so that its low six
+bits are the index of the mode's table and its high nibble the index of the table shared by all modes:
 
-    lo = byte & 15, hi = byte >> 4 = mode << 2 | h2      (h2 = payload bits 5-4)
+    stored = h2 << 6 | mode << 4 | lo           (lo = payload bits 3-0, h2 = payload bits 5-4)
+    lo6 = stored & 63 = mode << 4 | lo,   hi = stored >> 4 = h2 << 2 | mode
+
+Its dot product with the cluster's activations (x0, x1, x2), in units of the group scale, splits into a part of lo6
+and a part of hi:
+
     mode 0:  (c0 - 1.5) x0 + (c1 - 1.5) x1 + (c2 - 1.5) x2  =  A0[lo] + B[hi]
-             A0[lo] = ((lo & 3) - 1.5) x0 + ((lo >> 2) - 1.5) x1,      B[0 | h2] = (h2 - 1.5) x2
+             A0[lo] = ((lo & 3) - 1.5) x0 + ((lo >> 2) - 1.5) x1,      B[h2 << 2 | 0] = (h2 - 1.5) x2
     mode j:  (d0 - 3.5) x_a + (d1 - 3.5) x_b               =  Aj[lo] + B[hi]          (d1 = lo >> 3 | h2 << 1)
-             Aj[lo] = ((lo & 7) - 3.5) x_a + ((lo >> 3) - 0.5) x_b,   B[j << 2 | h2] = (2 h2 - 3) x_b
+             Aj[lo] = ((lo & 7) - 3.5) x_a + ((lo >> 3) - 0.5) x_b,   B[h2 << 2 | j] = (2 h2 - 3) x_b
 
 so per cluster five 16-entry tables (A0..A3, B) replace the 256-entry one: B by one pshufb on the high nibbles, A as
-one 64-entry table indexed by mode << 4 | lo (one vpermb with AVX512-VBMI; NEON: tbl with a four-register table;
-else four pshufb, each byte keeping the one of its own mode). The grid offsets
-are split so every table is centred on zero (the int8 step follows the largest entry: centring makes it ~3x finer
-than keeping the offsets in one table), and no activation sums are needed.
+one 64-entry table indexed by the stored byte itself (one vpermb with AVX512-VBMI, which reads only the low six index
+bits: no index arithmetic; NEON: tbl with a four-register table after & 63; else four pshufb, each byte keeping the
+one of its own mode). Layout 1 stored the mode in bits 7-6 and cost three more instructions per 32 bytes to form the
+index (measured: the kernel took 9-16% longer). The grid offsets are split so every table is centred on zero (the int8
+step follows the largest entry: centring makes it ~3x finer than keeping the offsets in one table), and no
+activation sums are needed.
 
-    per tile and cluster c, 32 bytes (one per row):  a = vpermb(A0..A3, mode << 4 | lo),  b = pshufb(B, hi)
+    per tile and cluster c, 32 bytes (one per row):  a = vpermb(A0..A3, stored),  b = pshufb(B, stored >> 4)
     acc_int16 += a + b (widened);  per block of BLOCK clusters: group_f32 += tscale * acc;
     at each group end: rows_f32 += s * group_f32
 """
@@ -39,7 +46,6 @@ from lutq.kernels.simd import (
     load_f32x16,
     load_i8x32,
     lookup64,
-    mode_and_low_nibble,
     prefetch,
     shuffle_bytes,
     splat_f32,
@@ -59,16 +65,16 @@ BLOCK = 8
 
 
 # The levels each table entry multiplies (quantize/fineq.py's byte map): A0[lo] = LO4[lo] x0 + HI4[lo] x1;
-# mode m's Am[lo] = LO8[lo] xa + HI8[lo] xb (m = 1, 2, 3 keep (x1, x2), (x0, x2), (x0, x1)); B[m << 2 | h2] =
-# B_LEVELS[m << 2 | h2] times x2 (modes 0-2) or x1 (mode 3): B_X2 + B_X1 with each zero where the other is not.
+# mode m's Am[lo] = LO8[lo] xa + HI8[lo] xb (m = 1, 2, 3 keep (x1, x2), (x0, x2), (x0, x1)); B[h2 << 2 | m] =
+# B_LEVELS[h2 << 2 | m] times x2 (modes 0-2) or x1 (mode 3): B_X2 + B_X1 with each zero where the other is not.
 # f32 (the levels are halves, exact) so the table builds stay f32 throughout.
 LO4 = np.array([(lo & 3) - 1.5 for lo in range(16)], np.float32)
 HI4 = np.array([(lo >> 2) - 1.5 for lo in range(16)], np.float32)
 LO8 = np.array([(lo & 7) - 3.5 for lo in range(16)], np.float32)
 HI8 = np.array([(lo >> 3) - 0.5 for lo in range(16)], np.float32)
-B_LEVELS = np.array([h2 - 1.5 for h2 in range(4)] + [2 * h2 - 3.0 for h2 in range(4)] * 3, np.float32)
-B_X2 = np.where(np.arange(16) < 12, B_LEVELS, 0).astype(np.float32)
-B_X1 = np.where(np.arange(16) < 12, 0, B_LEVELS).astype(np.float32)
+B_LEVELS = np.array([(e >> 2) - 1.5 if e & 3 == 0 else 2 * (e >> 2) - 3.0 for e in range(16)], np.float32)
+B_X2 = np.where(np.arange(16) & 3 != 3, B_LEVELS, 0).astype(np.float32)
+B_X1 = np.where(np.arange(16) & 3 != 3, 0, B_LEVELS).astype(np.float32)
 
 
 @njit(cache=True, inline="always")
@@ -182,7 +188,7 @@ def _fineq_group(isa, packed, scales, tables, tscales, group, t, n, g, y):
             prefetch(packed, off + PREFETCH_BYTES)
             toff = (n * n_clusters + c) * 80
             w = load_i8x32(packed, off)
-            a = lookup64(isa, tables, toff, mode_and_low_nibble(w))
+            a = lookup64(isa, tables, toff, w)  # the low six bits: mode << 4 | lo
             b = shuffle_bytes(isa, broadcast16_x32(tables, toff + 64), high_nibbles(w))
             acc = vadd(acc, vadd(widen_i8_i16(a), widen_i8_i16(b)))
         in_group = fma_f32(i16_to_f32(acc), splat_f32(tscales[n, g, blk]), in_group)
@@ -227,7 +233,7 @@ def _fineq_plain_tiles(packed, scales, tables, tscales, group, t0, t1, out):
                     for c in range(c0, c1):
                         byte = packed[t, c, r]
                         in_group += np.float64(tscales[n, g, (c - c0) // BLOCK]) * (
-                            np.float64(tables[n, c, byte >> 6, byte & 15]) + np.float64(tables[n, c, 4, byte >> 4]))
+                            np.float64(tables[n, c, (byte >> 4) & 3, byte & 15]) + np.float64(tables[n, c, 4, byte >> 4]))
                     acc += np.float64(load_f16(scales, (t * n_groups + g) * 32 + r)) * in_group
                 out[n, TILE_M * t + r] = acc
 
@@ -273,14 +279,14 @@ def _unit_tables(x0, x1, x2, out):
 
 
 def byte_values() -> np.ndarray:
-    """Every byte's three weights in units of the scale, f32[256, 3]: the tables with x = unit vectors."""
+    """Every stored byte's three weights in units of the scale, f32[256, 3]: the tables with x = unit vectors."""
     out = np.zeros((256, 3), np.float32)
     t = np.empty((5, 16))
     for i in range(3):
         x0, x1, x2 = np.eye(3)[i]
         _unit_tables(x0, x1, x2, t)
         for byte in range(256):
-            out[byte, i] = t[byte >> 6, byte & 15] + t[4, byte >> 4]
+            out[byte, i] = t[(byte >> 4) & 3, byte & 15] + t[4, byte >> 4]
     return out
 
 

@@ -521,17 +521,6 @@ def half(typingctx, v, which):
 
 
 @intrinsic
-def mode_and_low_nibble(typingctx, v):
-    """(v >> 6) << 4 | (v & 15) per byte: a fineq byte's mode and low nibble as one 6-bit table index."""
-
-    def codegen(context, builder, sig, args):
-        mode = builder.and_(builder.lshr(args[0], _splat(args[0].type, 2)), _splat(args[0].type, 0x30))
-        return builder.or_(mode, builder.and_(args[0], _splat(args[0].type, 0x0F)))
-
-    return v(v), codegen
-
-
-@intrinsic
 def code_index(typingctx, v, which):
     """The 3-bit codes of a codebook3 register (layout.py) as table indices: the low (which = 0) or high (1) nibble's
     bits 0-2, and bit 3 set on odd bytes, so even bytes read entries 0-7 (the pair's first activation) and odd bytes

@@ -21,8 +21,11 @@ Where the paper leaves it open, lutq chooses:
   each candidate's codes, runs Lloyd rounds, rounds to fp16, and keeps per group the better of that and plain.
 - Padding columns (zeros, at most 2) are "don't care": they never count in the error and dequantize drops them.
 
-Packed layout (the kernel streams whole tiles of 32 rows): clusters u8[M_pad / 32, C, 32], rows innermost, so byte
-[t, c, r] is cluster c of row 32t + r and one 32-byte load serves 32 rows of one cluster.
+Packed layout 2 (the kernel streams whole tiles of 32 rows): clusters u8[M_pad / 32, C, 32], rows innermost, so byte
+[t, c, r] is cluster c of row 32t + r and one 32-byte load serves 32 rows of one cluster. Each is stored with its
+bit pairs 7-6 and 5-4 swapped (`stored_bytes`: the mode in bits 5-4), so that the kernel's table indices are the
+byte's low six bits and its high nibble as they stand (lutq/kernels/fineq.py). Layout 1 stored the cluster bytes
+unchanged; directories holding it are still read (dequantize, and the runtime re-orders the bytes at load).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import numpy as np
 from lutq.kernels.layout import TILE_M, padded_rows
 from lutq.quantize.packed import PackedTensor, check_shape, for_row_chunks, is_int, stored_dims, to_f16
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+READABLE_LAYOUT_VERSIONS = (1, 2)  # layout 1: cluster bytes as they are (no swap)
 SCALE_GRID = np.linspace(0.35, 1.0, 8, dtype=np.float32)  # candidate scale / plain scale
 LLOYD_ROUNDS = 3
 # For mode j (1..3), the positions (within the cluster) of the two weights kept at 3 bits.
@@ -141,20 +145,28 @@ def fit_rows(x: np.ndarray, group_size: int, refine: bool, care: np.ndarray | No
     return to_bytes(*encode(s)[:3]), np.where(zero, 0, s)
 
 
+def stored_bytes(b: np.ndarray) -> np.ndarray:
+    """Cluster bytes <-> stored bytes (layout 2): bits 7-6 and 5-4 swapped, mode << 6 | payload becoming
+    (payload >> 4) << 6 | mode << 4 | (payload & 15). Its own inverse."""
+    return (b & 0x0F) | ((b & 0x30) << 2) | ((b & 0xC0) >> 2)
+
+
 def pack(clusters: np.ndarray) -> np.ndarray:
-    """u8[M, C] -> u8[M_pad/32, C, 32]: tiles of 32 rows, rows innermost (zero rows pad the last tile)."""
+    """Cluster bytes u8[M, C] -> stored u8[M_pad/32, C, 32]: tiles of 32 rows, rows innermost (zero rows pad the last
+    tile)."""
     m, c = clusters.shape
     out = np.zeros((padded_rows(m), c), np.uint8)
-    out[:m] = clusters
+    out[:m] = stored_bytes(clusters)
     return np.ascontiguousarray(out.reshape(-1, TILE_M, c).transpose(0, 2, 1))
 
 
-def unpack(packed: np.ndarray, m: int) -> np.ndarray:
-    """The inverse of pack: u8[M, C]."""
+def unpack(packed: np.ndarray, m: int, version: int = LAYOUT_VERSION) -> np.ndarray:
+    """The inverse of pack: cluster bytes u8[M, C], from codes stored in layout `version`."""
     t, c, r = packed.shape
     if r != TILE_M or t * TILE_M < m:
         raise ValueError(f"packed shape {packed.shape} does not hold {m} rows")
-    return packed.transpose(0, 2, 1).reshape(t * TILE_M, c)[:m]
+    rows = packed.transpose(0, 2, 1).reshape(t * TILE_M, c)[:m]
+    return stored_bytes(rows) if version >= 2 else rows
 
 
 class FineQFormat:
@@ -200,7 +212,7 @@ class FineQFormat:
 
     def dequantize(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
-        clusters = unpack(np.asarray(p.arrays["codes"]), m)  # [M, C]
+        clusters = unpack(np.asarray(p.arrays["codes"]), m, p.meta.get("layout_version", LAYOUT_VERSION))  # [M, C]
         gidx = cluster_groups(clusters.shape[1], p.group_size)
         w = CLUSTER_VALUES[clusters]  # [M, C, 3]
         w *= np.asarray(p.arrays["scales"], np.float32)[:, gidx, None]  # in place: no temporary the size of W

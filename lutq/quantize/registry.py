@@ -24,6 +24,8 @@ FORMATS = {f.name: f for f in (
 LAYOUTS = {"bitserial": layout.LAYOUT_VERSION, "codebook": layout.CODEBOOK_LAYOUT_VERSION,
            "codebook3": layout.CODEBOOK3_LAYOUT_VERSION, "codebook2": layout.CODEBOOK2_LAYOUT_VERSION,
            "fineq-clusters": fineq.LAYOUT_VERSION, "rowmajor": 1}
+# Older versions still read (converted where they are used): scheme -> every version read.
+READABLE_LAYOUTS = {"fineq-clusters": fineq.READABLE_LAYOUT_VERSIONS}
 KEEP = "fp16"  # not a format: the rule that leaves a tensor unquantized (stored as fp16)
 
 

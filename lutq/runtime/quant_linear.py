@@ -24,6 +24,7 @@ from lutq.kernels import codebook as cb_kernels
 from lutq.kernels import fineq as fq_kernels
 from lutq.kernels import lut
 from lutq.kernels.layout import TILE_M, pack_group_params, pack_group_scales, unpack_bitserial
+from lutq.quantize import fineq as fineq_layout
 from lutq.quantize.nf import pack_codes
 from lutq.quantize.packed import PackedTensor
 from lutq.quantize.registry import dequantize
@@ -92,6 +93,8 @@ class QuantLinear:
             self.table_key = (NF_TABLE_KINDS[p.format], k, self.group, codebook.tobytes())
         elif p.format == "fineq":
             self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
+            if p.meta.get("layout_version") == 1:  # written before layout 2: the cluster bytes re-ordered here
+                self.codes = fineq_layout.stored_bytes(self.codes)
             self.table_key = ("fq", k, self.group)
         else:
             raise ValueError(f"no LUT kernel for format {p.format!r}")
