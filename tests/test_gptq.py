@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from lutq.quantize.gptq import Hessian, gptq_codes, gptq_quantize, grid_for, inverse_hessian_factor, output_error
+from lutq.quantize.gptq import Hessian, gptq_codes, gptq_quantize, grid_for, output_error
 from lutq.quantize.registry import get_format
 
 FORMATS = ("int2", "int3", "int4", "int2k", "int3k", "int4k", "nf2", "nf3", "nf4")

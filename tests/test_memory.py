@@ -10,7 +10,6 @@ from __future__ import annotations
 import tracemalloc
 import weakref
 
-import numpy as np
 import pytest
 
 from lutq.checkpoint import lutq_dir, open_checkpoint

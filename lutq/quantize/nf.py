@@ -25,7 +25,7 @@ from statistics import NormalDist
 import numpy as np
 
 from lutq.kernels.layout import (CODEBOOK2_LAYOUT_VERSION, CODEBOOK3_LAYOUT_VERSION, CODEBOOK_LAYOUT_VERSION,
-                                 LAYOUT_VERSION, pack_bitserial, pack_codebook, pack_codebook3, pack_codebook_pairs,
+                                 LAYOUT_VERSION, pack_codebook, pack_codebook3, pack_codebook_pairs,
                                  padded_rows, unpack_bitserial, unpack_codebook, unpack_codebook3,
                                  unpack_codebook_pairs)
 from lutq.quantize.packed import (PackedTensor, check_shape, for_row_chunks, importance, stored_dims, to_f16,
