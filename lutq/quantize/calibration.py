@@ -230,6 +230,30 @@ def gram(x: np.ndarray) -> np.ndarray:
     return x.T @ x
 
 
+def layer_forward(cfg, layer, i: int, x: np.ndarray, record: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Decoder layer i (a LlamaLayer) over hidden states x f32[windows, T, D], each window from an empty KV cache:
+    the hidden states after it. Adds each linear input's x^T x to `record` ("qkv", "o", "gate_up", "down") when
+    given."""
+    from lutq.runtime.attention import KVCache
+    from lutq.runtime.llama import rms_norm, silu_mul
+
+    eps, t = cfg.rms_norm_eps, x.shape[1]
+    cache = KVCache(cfg, t)
+    mask = cache.causal_mask(t)
+    out = np.empty_like(x)
+    for w, xw in enumerate(x):  # xw: f32[T, D], one window
+        h = rms_norm(xw, layer.input_norm, eps)
+        att = cache.attend(i, layer.qkv_proj(h), mask)  # f32[T, H*hd]
+        xw = xw + layer.o_proj(att)
+        h2 = rms_norm(xw, layer.post_attention_norm, eps)
+        act = silu_mul(layer.gate_up_proj(h2))  # f32[T, F]
+        out[w] = xw + layer.down_proj(act)
+        if record is not None:
+            for key, inp in (("qkv", h), ("o", att), ("gate_up", h2), ("down", act)):
+                record[key] += gram(inp)
+    return out
+
+
 class LayerHessians:
     """The Hessian of each linear weight's input, computed a layer at a time as weights are asked for in layer order.
 
@@ -297,24 +321,7 @@ class LayerHessians:
 
     def run_layer(self, layer, i: int, record: dict[str, np.ndarray] | None) -> np.ndarray:
         """The hidden states after layer i, f32[windows, T, D]; adds each input's x^T x to `record` when given."""
-        from lutq.runtime.attention import KVCache
-        from lutq.runtime.llama import rms_norm, silu_mul
-
-        eps, t = self.cfg.rms_norm_eps, self.x.shape[1]
-        cache = KVCache(self.cfg, t)
-        mask = cache.causal_mask(t)
-        out = np.empty_like(self.x)
-        for w, x in enumerate(self.x):  # x: f32[T, D], one window from an empty cache
-            h = rms_norm(x, layer.input_norm, eps)
-            att = cache.attend(i, layer.qkv_proj(h), mask)  # f32[T, H*hd]
-            x = x + layer.o_proj(att)
-            h2 = rms_norm(x, layer.post_attention_norm, eps)
-            act = silu_mul(layer.gate_up_proj(h2))  # f32[T, F]
-            out[w] = x + layer.down_proj(act)
-            if record is not None:
-                for key, inp in (("qkv", h), ("o", att), ("gate_up", h2), ("down", act)):
-                    record[key] += gram(inp)
-        return out
+        return layer_forward(self.cfg, layer, i, self.x, record)
 
     def collect(self) -> dict[str, np.ndarray]:
         cfg, i = self.cfg, self.layer
