@@ -261,6 +261,10 @@ def quantize(
     group_size: int = typer.Option(64, "--group-size", "-g", help="Weights per scale group along K: 32, 64 or 128."),
     bits_budget: Optional[float] = typer.Option(None, "--bits-budget", help="Choose a format per tensor to fit this "
                                                 "many bits/weight on average over the linear layers."),
+    plan: str = typer.Option("error", "--plan", help="With --bits-budget: what the plan minimises. 'error': each "
+                             "weight's relative error (fast); 'kl' (needs --calibration): the KL divergence each "
+                             "weight's format alone causes in the model's next-token distribution, measured through "
+                             "the model (slow: ~25 min for SmolLM2-135M on 2 cores; better plans)."),
     no_refine: bool = typer.Option(False, "--no-refine", help="Plain min/max (absmax) rounding, no scale search."),
     embed: str = typer.Option("fp16", "--embed", help="Token embedding: fp16 or int8."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Round with GPTQ for these inputs: 'self' "
@@ -296,7 +300,7 @@ def quantize(
     if format is None and bits_budget is None:
         raise LutqError("--format is required (or --bits-budget), e.g. --format nf4")
     rules = parse_rules(format or "auto")
-    options = QuantizeOptions(rules, group_size, not no_refine, embed, bits_budget)
+    options = QuantizeOptions(rules, group_size, not no_refine, embed, bits_budget, plan=plan)
     if calibration is not None:
         from lutq.quantize.calibration import parse_calibration
 

@@ -50,6 +50,7 @@ LM_HEAD = "lm_head.weight"
 EMBED_FORMATS = ("fp16", "int8")
 DEFAULT_HEAD = Choice("int6k", 32)
 FP16_MAX = 65504.0
+PLANS = ("error", "kl")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class QuantizeOptions:
     calibration: CalibrationSource | None = None  # --calibration: GPTQ for its inputs (lutq/quantize/gptq.py)
     sequential: bool = True  # with calibration: each layer's inputs through the layers before it as quantized
     rotate: RotationSpec | None = None  # --rotate: quantize the rotated, equivalent model (lutq/quantize/rotate.py)
+    plan: str = "error"  # --plan: what the bits-budget planner minimises: "error" (weight error) or "kl" (measured)
 
 
 @dataclass
@@ -172,7 +174,8 @@ def choose_formats(ckpt: Checkpoint, options: QuantizeOptions, on_progress=None)
         # next and its error per format the same, so the plan would follow sizes alone (SmolLM2 --bits-budget 3.5
         # --calibration self --rotate --rotate-keep 2: nf3:64 on every down_proj, 48.32; planned on the source, see
         # models.md). The source's weights say which weights are hard to quantize.
-        measured = ckpt.source if isinstance(ckpt, RotatedCheckpoint) else ckpt
+        # (--plan kl measures the model being quantized, rotated or not: its KL is through that model's outputs.)
+        measured = ckpt.source if isinstance(ckpt, RotatedCheckpoint) and options.plan != "kl" else ckpt
         plan = {**plan_budget(measured, planned, pinned, options, on_progress), **outside}
     for name, (fmt, group_size) in plan.items():
         if fmt != KEEP and shapes[name][1] % group_size:
@@ -232,8 +235,15 @@ def quantize_checkpoint(ckpt: Checkpoint, out: Path, options: QuantizeOptions, f
         raise LutqError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {options.group_size}")
     if options.embed not in EMBED_FORMATS:
         raise LutqError(f"--embed must be one of {', '.join(EMBED_FORMATS)}, got {options.embed!r}")
+    if options.plan not in PLANS:
+        raise LutqError(f"--plan must be one of {', '.join(PLANS)}, got {options.plan!r}")
+    if options.plan == "kl" and (options.bits_budget is None or options.calibration is None):
+        raise LutqError("--plan kl needs --bits-budget (it plans the budget) and --calibration (the text it measures "
+                        "the model's outputs on)")
     opts = {"format": str(options.rules), "group_size": options.group_size, "refine": options.refine,
             "embed": options.embed, "bits_budget": options.bits_budget}
+    if options.bits_budget is not None:
+        opts["plan"] = options.plan
     if options.rotate is not None:  # everything below (planner, calibration, quantize) sees the rotated fp model
         check_formats(options.rules)
         ckpt = RotatedCheckpoint(ckpt, options.rotate)

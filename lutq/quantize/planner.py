@@ -21,6 +21,11 @@ output, tr(dW H dW^T) / tr(W H W^T), planned worse on SmolLM2 at 3.5 bits: perpl
 measured on held-out calibration windows) against 44.3 with the weight-error plan, and weight error scaled by GPTQ's
 gain in output error over plain rounding 56.4 (models.md). A weight's output error says nothing of how much the
 model's loss depends on that output: those plans gave 2-bit formats to some down_proj weights, which matter most.
+
+`--plan kl` (with calibration) measures that dependence instead of guessing it: each candidate's error is the KL
+divergence the weight, quantized alone in that format by GPTQ, causes in the model's next-token distribution on the
+calibration text (lutq/quantize/sensitivity.py), and the objective is the sum of those KLs. Slow (a partial forward
+pass per weight and candidate, KL_CANDIDATES only), and on SmolLM2 at 3.5 bits the better plan (models.md).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ CANDIDATES = (Choice("nf2", 64), Choice("int2k", 32), Choice("fineq", 64), Choic
               Choice("nf3", 32), Choice("nf4", 64), Choice("int4", 64), Choice("int4k", 32), Choice("nf4", 32),
               Choice("int4", 32))
 SAMPLE_ROWS = 128
+# `--plan kl` measures every candidate through the model (slow): the GPTQ formats its SmolLM2 plans chose at 2.5-4.5
+# bits (models.md). nf3:32 was chosen for 2 of 210 weights at 3.5 bits and is left out.
+KL_CANDIDATES = (Choice("int2k", 32), Choice("nf3", 64), Choice("int3k", 32), Choice("int4k", 32))
 
 
 def bits_of(choice: Choice, shape: tuple[int, int]) -> float:
@@ -81,6 +89,29 @@ def hull(points: list[tuple[float, float, Choice]]) -> list[tuple[float, float, 
     return out
 
 
+def measured_errors(ckpt, shapes, free: list[str], candidates, options, on_progress=None) -> dict[str, dict]:
+    """name -> {choice: error} for the free weights: relative weight error, or with `--plan kl` the KL divergence
+    each choice alone causes in the model's output (lutq/quantize/sensitivity.py)."""
+    fits = {}
+    for name in free:
+        fits[name] = [c for c in candidates if shapes[name][1] % c.group_size == 0]
+        if not fits[name]:
+            raise LutqError(f"{name}: K = {shapes[name][1]} is not a multiple of any candidate's group size")
+    if options.plan == "kl":
+        from lutq.quantize.calibration import calibration_windows
+        from lutq.quantize.sensitivity import measure_kl
+
+        windows = calibration_windows(ckpt, options.calibration)
+        return measure_kl(ckpt, windows, shapes, fits, options.refine, on_progress)
+    errors = {}
+    for i, name in enumerate(free):
+        source = name if ckpt.has(name) else "model.embed_tokens.weight"  # a tied lm_head reads the embedding
+        errors[name] = measure(ckpt.load(source), fits[name], options.refine)
+        if on_progress is not None:
+            on_progress("plan", i + 1, len(free))
+    return errors
+
+
 def plan_budget(ckpt, shapes: dict[str, tuple[int, int]], pinned: dict[str, Choice], options, on_progress=None):
     """Linear weight name -> Choice, fitting options.bits_budget; pinned weights keep their rule's choice."""
     budget = options.bits_budget
@@ -91,19 +122,13 @@ def plan_budget(ckpt, shapes: dict[str, tuple[int, int]], pinned: dict[str, Choi
     free = [n for n in shapes if n not in pinned]
     params = {n: shapes[n][0] * shapes[n][1] for n in shapes}
     total_params = sum(params.values())
-    hulls: dict[str, list] = {}
     candidates = CANDIDATES
-    if options.calibration is not None:
+    if options.plan == "kl":
+        candidates = KL_CANDIDATES
+    elif options.calibration is not None:
         candidates = tuple(c for c in CANDIDATES if gptq_supports(get_format(c.format)))
-    for i, name in enumerate(free):
-        fits = [c for c in candidates if shapes[name][1] % c.group_size == 0]
-        if not fits:
-            raise LutqError(f"{name}: K = {shapes[name][1]} is not a multiple of any candidate's group size")
-        source = name if ckpt.has(name) else "model.embed_tokens.weight"  # a tied lm_head reads the embedding
-        errors = measure(ckpt.load(source), fits, options.refine)
-        hulls[name] = hull([(bits_of(c, shapes[name]), e, c) for c, e in errors.items()])
-        if on_progress is not None:
-            on_progress("plan", i + 1, len(free))
+    errors = measured_errors(ckpt, shapes, free, candidates, options, on_progress)
+    hulls = {name: hull([(bits_of(c, shapes[name]), e, c) for c, e in errors[name].items()]) for name in free}
     spent = sum(params[n] * bits_of(c, shapes[n]) for n, c in pinned.items())
     level = {n: 0 for n in free}
     spent += sum(params[n] * hulls[n][0][0] for n in free)
