@@ -264,7 +264,7 @@ def quantize(
     plan: str = typer.Option("error", "--plan", help="With --bits-budget: what the plan minimises. 'error': each "
                              "weight's relative error (fast); 'kl' (needs --calibration): the KL divergence each "
                              "weight's format alone causes in the model's next-token distribution, measured through "
-                             "the model (slow: ~25 min for SmolLM2-135M on 2 cores; better plans)."),
+                             "the model (slow: ~23 min for SmolLM2-135M on 2 cores; better plans)."),
     no_refine: bool = typer.Option(False, "--no-refine", help="Plain min/max (absmax) rounding, no scale search."),
     embed: str = typer.Option("fp16", "--embed", help="Token embedding: fp16 or int8."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Round with GPTQ for these inputs: 'self' "
