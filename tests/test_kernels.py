@@ -99,19 +99,18 @@ def test_weigh_pairs_matches_numpy(isa):
 @pytest.mark.parametrize("isa", SIMD_ISAS)
 def test_byte_tables_are_pshufb_and_vpermb(isa):
     """shuffle_bytes keeps pshufb's rule for any index byte (high bit: 0, else the low nibble), also where the
-    instruction is NEON's tbl (which zeroes every index >= 16); lookup64 reads T[idx & 63] (vpermb, tbl4, 4 pshufb
-    over XOR-chained tables, made here in numpy)."""
+    instruction is NEON's tbl (which zeroes every index >= 16); lookup64 reads T[idx & 63] (vpermb, tbl4, 4 pshufb)."""
     from numba import njit
 
     from lutq.kernels.simd import (Isa, half, i16_to_f32, load_i8x32, load_i8x64, lookup64, shuffle_bytes,
                                    store_f32x32, widen_i8_i16)
 
     @njit
-    def lookups(w, tables, chained, idx, out):  # out f32[4, 32]: bytes exactly, through int16 and f32
+    def lookups(w, tables, idx, out):  # out f32[4, 32]: bytes exactly, through int16 and f32
         looked = shuffle_bytes(w, load_i8x64(tables, 0), load_i8x64(idx, 0))
         store_f32x32(out, 0, i16_to_f32(widen_i8_i16(half(looked, 0))))
         store_f32x32(out, 32, i16_to_f32(widen_i8_i16(half(looked, 1))))
-        store_f32x32(out, 64, i16_to_f32(widen_i8_i16(lookup64(w, chained, 0, load_i8x32(idx, 0)))))
+        store_f32x32(out, 64, i16_to_f32(widen_i8_i16(lookup64(w, tables, 0, load_i8x32(idx, 0)))))
         small = shuffle_bytes(w, half(load_i8x64(tables, 0), 1), load_i8x32(idx, 32))
         store_f32x32(out, 96, i16_to_f32(widen_i8_i16(small)))
 
@@ -121,11 +120,7 @@ def test_byte_tables_are_pshufb_and_vpermb(isa):
     idx[:8] = [0, 15, 16, 127, 128, 143, 200, 255]  # the bytes where pshufb and tbl differ
     for vbmi in sorted({False, "avx512vbmi" in simd.target_features()}):  # vpermb only where the CPU has it
         out = np.zeros(128, np.float32)
-        witness = Isa(isa, vbmi=vbmi)
-        chained = tables.copy()
-        if simd.lookup64_chained(witness):
-            chained[16:] ^= tables[:48]  # C0 = T0, Cj = T(j-1) ^ Tj
-        lookups(witness, tables, chained, idx, out)
+        lookups(Isa(isa, vbmi=vbmi), tables, idx, out)
         out = out.reshape(2, 64)
         lane = np.arange(64) // 16
         np.testing.assert_array_equal(out[0], np.where(idx >= 128, 0, tables[16 * lane + (idx & 15)]))
@@ -412,13 +407,9 @@ def test_fineq_gemv(m, k, group):
             fineq.gemv_fineq(packed, scales, tables, out, threads=threads)
             assert rel_err(out, ref) <= tol, (exact, threads)
     for isa in SIMD_ISAS:
-        for vbmi in sorted({False, "avx512vbmi" in simd.target_features()}):  # chained tables without VBMI
-            witness = simd.Isa(isa, vbmi=vbmi)
-            tables = fineq.ClusterTables(k, group, tokens=2, isa=witness)
-            tables.build(x)
-            out = np.full((2, m), np.nan, np.float32)
-            fineq.gemv_fineq(packed, scales, tables, out, threads=1)
-            assert rel_err(out, ref) <= INT8_TOL, witness
+        out = np.full((2, m), np.nan, np.float32)
+        fineq._fineq_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, group, 0, packed.shape[0], out)
+        assert rel_err(out, ref) <= INT8_TOL, isa
 
 
 def test_fineq_tables_decode_every_byte_as_the_quantizer_does():
@@ -473,8 +464,8 @@ def test_nf_and_fineq_int8_tables_are_the_rounded_float64_tables(kind, k, group)
     x = (rng.standard_normal((3, k)) * rng.uniform(1e-3, 1e3, (3, 1))).astype(np.float32)
     x[2, :group] = 0.0  # an all-zero group: zero tables, zero scale
     cb = {"nf4": NF[4], "nf2": NF[2], "nf3": NF[3]}.get(kind, np.zeros(1)) * np.float32(0.7) + np.float32(0.2)
-    if kind == "fineq":  # unchained (as VBMI and NEON read them); chained below
-        tables = fineq.ClusterTables(k, group, tokens=3, isa=simd.Isa("avx512", vbmi=True))
+    if kind == "fineq":
+        tables = fineq.ClusterTables(k, group, tokens=3)
     elif kind == "nf3":
         tables = codebook.PairTables(k, group, cb, tokens=3)
     else:
@@ -490,12 +481,6 @@ def test_nf_and_fineq_int8_tables_are_the_rounded_float64_tables(kind, k, group)
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     np.testing.assert_allclose(tables.tscales.reshape(peak.shape), peak / 127.0, rtol=1e-6)
     assert not got[2, block == 0].any() and tables.tscales.reshape(peak.shape)[2, 0] == 0
-    if kind == "fineq":  # x86 without VBMI: A0..A3 XOR-chained (simd.lookup64), B as it was
-        chained = fineq.ClusterTables(k, group, tokens=3, isa=simd.Isa("avx2"))
-        chained.build(x)
-        want = tables.tables.copy()
-        want[..., 1:4, :] ^= tables.tables[..., 0:3, :]
-        np.testing.assert_array_equal(chained.tables, want)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

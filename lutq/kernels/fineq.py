@@ -18,7 +18,7 @@ and a part of hi:
 so per cluster five 16-entry tables (A0..A3, B) replace the 256-entry one: B by one pshufb on the high nibbles, A as
 one 64-entry table indexed by the stored byte itself (one vpermb with AVX512-VBMI, which reads only the low six index
 bits: no index arithmetic; NEON: tbl with a four-register table after & 63; else four pshufb, each byte keeping the
-one of its own mode, from tables stored XOR-chained: simd.lookup64). Layout 1 stored the mode in bits 7-6 and cost three more instructions per 32 bytes to form the
+one of its own mode). Layout 1 stored the mode in bits 7-6 and cost three more instructions per 32 bytes to form the
 index (measured: the kernel took 9-16% longer). The grid offsets are split so every table is centred on zero (the int8
 step follows the largest entry: centring makes it ~3x finer than keeping the offsets in one table), and no
 activation sums are needed.
@@ -37,9 +37,7 @@ from lutq.errors import LutqError
 from lutq.kernels.layout import TILE_M
 from lutq.kernels.lut import ISA, PREFETCH_BYTES, TABLE_MAX, TableSet, store_rows, run_tiles
 from lutq.kernels.simd import (
-    Isa,
     broadcast16_x32,
-    chain64,
     fma_f32,
     high_nibbles,
     i16_to_f32,
@@ -48,7 +46,6 @@ from lutq.kernels.simd import (
     load_f32x16,
     load_i8x32,
     lookup64,
-    lookup64_chained,
     prefetch,
     shuffle_bytes,
     splat_f32,
@@ -130,11 +127,10 @@ def _cluster_tables(x0, x1, x2, out):
 
 
 @njit(cache=True)
-def _build_int8(x, group, chained, tables, tscales):
+def _build_int8(x, group, tables, tscales):
     """tables i8[N, C, 5, 16] with one scale per block of BLOCK clusters of a group, tscales f32[N, K/G, blocks
     per group] (the value of one step), from x f32[N, K]. f32 throughout; two passes per block: the peak in closed
-    form, then each cluster's activations times 127/peak into its five tables (_cluster_int8). chained: A0..A3
-    stored as simd.chain64 leaves them (what lookup64 reads on x86 without VBMI)."""
+    form, then each cluster's activations times 127/peak into its five tables (_cluster_int8)."""
     n_tok, k = x.shape
     n_clusters = tables.shape[1]
     for n in range(n_tok):
@@ -151,8 +147,6 @@ def _build_int8(x, group, chained, tables, tscales):
                 for c in range(start, stop):
                     x0, x1, x2 = _cluster_x(x, n, c)
                     _cluster_int8(tables, (n * n_clusters + c) * 80, x0 * inv, x1 * inv, x2 * inv)
-                    if chained:
-                        chain64(tables.reshape(-1), (n * n_clusters + c) * 80)
 
 
 @njit(cache=True)
@@ -166,21 +160,19 @@ def _build_f32(x, tables):
 
 
 class ClusterTables(TableSet):
-    """fineq's activation tables: five 16-entry tables per cluster of 3 activations, int8 per group (or fp32),
-    laid out for the kernel of `isa` (the host's by default): A0..A3 XOR-chained where simd.lookup64_chained."""
+    """fineq's activation tables: five 16-entry tables per cluster of 3 activations, int8 per group (or fp32)."""
 
-    def __init__(self, k: int, group: int, tokens: int = 1, exact: bool = False, isa: Isa = ISA):
+    def __init__(self, k: int, group: int, tokens: int = 1, exact: bool = False):
         if k < 1 or group < 3 or k % group:
             raise LutqError(f"unsupported shape: K = {k}, group size {group} (need K % G == 0)")
-        self.k, self.group, self.exact, self.isa = k, group, exact, isa
-        self.chained = not exact and lookup64_chained(isa)
+        self.k, self.group, self.exact = k, group, exact
         self.tables = np.zeros((tokens, -(-k // 3), 5, 16), np.float32 if exact else np.int8)
         self.tscales = np.ones((tokens, k // group, -(-(group // 3 + 1) // BLOCK)), np.float32)  # exact: stay 1
 
     def builder(self, x: np.ndarray):
         if self.exact:
             return _build_f32, (x, self.tables)
-        return _build_int8, (x, self.group, self.chained, self.tables, self.tscales)
+        return _build_int8, (x, self.group, self.tables, self.tscales)
 
 
 @njit(cache=True, inline="always")
@@ -276,9 +268,9 @@ def gemv_fineq(packed, scales, tables: ClusterTables, out, threads: int | None =
         raise LutqError("packed clusters, scales and output must be C-contiguous")
     args = (packed, scales, tables.tables, tables.tscales, tables.group)
     weights = n_tiles * TILE_M * tables.k * out.shape[0]
-    if tables.exact or tables.isa.name == "portable":
+    if tables.exact or ISA.name == "portable":
         return run_tiles(_fineq_plain_tiles, _fineq_plain_parallel, args, n_tiles, weights, threads, out, bind)
-    return run_tiles(_fineq_tiles, _fineq_parallel, (tables.isa,) + args, n_tiles, weights, threads, out, bind)
+    return run_tiles(_fineq_tiles, _fineq_parallel, (ISA,) + args, n_tiles, weights, threads, out, bind)
 
 
 @njit(cache=True)

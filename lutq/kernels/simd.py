@@ -23,7 +23,7 @@ from pathlib import Path
 
 import llvmlite.binding as llvm
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils, config
 from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
 
@@ -679,12 +679,9 @@ def shuffle_bytes(typingctx, isa, table, index):
 
 @intrinsic
 def lookup64(typingctx, isa, tables, index, idx):
-    """out[i] = T[idx[i] & 63] for 32 indices, T = four 16-entry tables T0..T3 at tables[index:], stored as
-    `chain64` leaves them for this ISA. VBMI: one vpermb. NEON: tbl with a four-register (64-byte) table, one per 16
-    indices. Otherwise (pshufb, 16 entries): the tables stored chained, C0 = T0, Cj = T(j-1) ^ Tj, and
-    out = XOR over j of pshufb(Cj, i - 16j) with i = idx & 63: pshufb gives 0 where i - 16j wraps below zero (bit 7
-    set), so the XOR telescopes to T(i >> 4)[i & 15]. Four pshufb, three subtracts and three XORs: a select per
-    table instead (compare, blend) cost more instructions, the compares on the shuffle port on Intel."""
+    """out[i] = T[idx[i] & 63] for 32 indices, T = the 64 bytes at tables[index:] (four 16-entry tables in a row).
+    VBMI: one vpermb. NEON: tbl with a four-register (64-byte) table, one per 16 indices. Otherwise: four pshufb,
+    each byte keeping the one its top index bits name."""
     _check_isa(isa)
     if idx != i8x32:
         return None
@@ -702,32 +699,19 @@ def lookup64(typingctx, isa, tables, index, idx):
             wide = builder.shuffle_vector(args[3], args[3], ir.Constant(ir.VectorType(I32, 64), list(range(32)) * 2))
             out = _call(builder, "llvm.x86.avx512.permvar.qi.512", i8x64.llvm_type, [t, wide])
             return builder.shuffle_vector(out, out, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-        low6 = builder.and_(args[3], _splat(i8x32.llvm_type, 63))
+        top = builder.and_(builder.lshr(args[3], _splat(i8x32.llvm_type, 4)), _splat(i8x32.llvm_type, 3))
+        low = builder.and_(args[3], _splat(i8x32.llvm_type, 15))
         out = None
         for j in range(4):
             q = builder.load(_ptr(context, builder, sig.args[1], args[1], builder.add(args[2], args[2].type(16 * j)),
                                   ir.VectorType(I8, 16)), align=1)
             t = builder.shuffle_vector(q, q, ir.Constant(ir.VectorType(I32, 32), [i % 16 for i in range(32)]))
-            shifted = low6 if j == 0 else builder.sub(low6, _splat(i8x32.llvm_type, 16 * j))
-            hit = _call(builder, "llvm.x86.avx2.pshuf.b", i8x32.llvm_type, [t, shifted])
-            out = hit if out is None else builder.xor(out, hit)
+            hit = _call(builder, "llvm.x86.avx2.pshuf.b", i8x32.llvm_type, [t, low])
+            out = hit if out is None else builder.select(
+                builder.icmp_unsigned("==", top, _splat(i8x32.llvm_type, j)), hit, out)
         return out
 
     return i8x32(isa, tables, index, idx), codegen
-
-
-def lookup64_chained(isa: Isa) -> bool:
-    """Whether lookup64 on `isa` reads its tables chained (x86 without VBMI; see lookup64 and chain64)."""
-    return isa.name in ("avx2", "avx512") and not isa.vbmi
-
-
-@njit(cache=True, inline="always")
-def chain64(tables, index):
-    """The four 16-entry tables at tables[index:] (int8) rewritten in place as lookup64 reads them where
-    lookup64_chained: T0, T0 ^ T1, T1 ^ T2, T2 ^ T3 (top down, so each XOR still sees the table below unchanged)."""
-    for j in range(3, 0, -1):
-        for e in range(16):
-            tables[index + 16 * j + e] ^= tables[index + 16 * (j - 1) + e]
 
 
 @intrinsic
