@@ -78,14 +78,14 @@ def test_plan_follows_measured_kl(tiny_models, tmp_path, calib_text, monkeypatch
     int4k, the rest stay cheap."""
     from lutq.quantize import sensitivity
     from lutq.quantize.convert import QuantizeOptions, quantize_checkpoint
-    from lutq.quantize.planner import KL_CANDIDATES, bits_of
+    from lutq.quantize.planner import KL_CANDIDATES
     from lutq.quantize.rules import parse_rules
 
     path, _ = tiny_models("llama")
     sensitive = "model.layers.1.self_attn.v_proj.weight"
 
-    def fake_measure(ckpt, windows, shapes, candidates, refine, on_progress=None):
-        return {n: {c: (1.0 if n == sensitive and c.format != "int4k" else 0.0) + 0.01 / bits_of(c, shapes[n])
+    def fake_measure(ckpt, windows, candidates, refine, on_progress=None):  # KL_CANDIDATES: fewest bits first
+        return {n: {c: (1.0 if n == sensitive and c.format != "int4k" else 0.0) + 0.01 / (1 + KL_CANDIDATES.index(c))
                     for c in cs} for n, cs in candidates.items()}
 
     monkeypatch.setattr(sensitivity, "measure_kl", fake_measure)

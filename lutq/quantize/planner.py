@@ -102,7 +102,7 @@ def measured_errors(ckpt, shapes, free: list[str], candidates, options, on_progr
         from lutq.quantize.sensitivity import measure_kl
 
         windows = calibration_windows(ckpt, options.calibration)
-        return measure_kl(ckpt, windows, shapes, fits, options.refine, on_progress)
+        return measure_kl(ckpt, windows, fits, options.refine, on_progress)
     errors = {}
     for i, name in enumerate(free):
         source = name if ckpt.has(name) else "model.embed_tokens.weight"  # a tied lm_head reads the embedding

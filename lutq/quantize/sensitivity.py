@@ -86,8 +86,7 @@ class KLProbe:
         return float(np.mean(np.sum(self.p_ref * (self.ref - lp), axis=-1)))
 
 
-def measure_kl(ckpt, windows: np.ndarray, shapes: dict[str, tuple[int, int]], candidates: dict, refine: bool,
-               on_progress=None) -> dict[str, dict]:
+def measure_kl(ckpt, windows: np.ndarray, candidates: dict, refine: bool, on_progress=None) -> dict[str, dict]:
     """name -> {choice: KL} for each weight in `candidates` (name -> its candidate Choices), in layer order (the
     Hessians are computed a layer at a time)."""
     from lutq.quantize.convert import EMBED, quantize_tensor
