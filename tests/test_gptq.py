@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from lutq.quantize.gptq import Hessian, gptq_codes, gptq_quantize, grid_for, output_error
+from lutq.quantize import gptq
+from lutq.quantize.gptq import Hessian, block_gram, block_rhs, gptq_codes, gptq_quantize, grid_for, output_error
 from lutq.quantize.registry import get_format
 
 FORMATS = ("int2", "int3", "int4", "int2k", "int3k", "int4k", "nf2", "nf3", "nf4")
@@ -66,7 +67,7 @@ def test_gptq_matches_reference_and_beats_rounding(name, act_order):
     assert output_error(w, values, h) == pytest.approx(output_error(w, ref_values, h), rel=1e-3)
 
     # The stored tensor is the format's own: its codes in range, its dequantization what GPTQ computed.
-    p = gptq_quantize(fmt, w, hessian, g, True)
+    p = gptq_quantize(fmt, w, hessian, g, True, refit_rounds=0)
     assert p.meta == fmt.quantize(w, g, True).meta
     assert set(p.arrays) == set(fmt.quantize(w, g, True).arrays)
     stored = fmt.codes(p)
@@ -76,6 +77,67 @@ def test_gptq_matches_reference_and_beats_rounding(name, act_order):
     # What GPTQ is for: the output error on the calibration inputs, strictly below round-to-nearest's.
     rtn = output_error(w, fmt.dequantize(fmt.quantize(w, g, True)), h)
     assert output_error(w, values, h) < 0.9 * rtn
+
+
+def design(f_row: np.ndarray, group_size: int) -> np.ndarray:
+    """The dense design matrix A f64[K, n] of one row's per-group unknowns for feature f_row (A[k, g(k)] = f[k])."""
+    k = len(f_row)
+    a = np.zeros((k, k // group_size))
+    a[np.arange(k), np.arange(k) // group_size] = f_row
+    return a
+
+
+def test_block_gram_is_the_dense_normal_matrix():
+    rng = np.random.default_rng(3)
+    k, g = 96, 32
+    x = correlated_inputs(300, k)
+    h = x.T @ x
+    f, e = rng.normal(size=(5, k)), rng.normal(size=(5, k))
+    wh = rng.normal(size=(5, k)) @ h
+    m, v = block_gram(f, e, h, g), block_rhs(f, wh, g)
+    for r in range(5):
+        np.testing.assert_allclose(m[r], design(f[r], g).T @ h @ design(e[r], g), rtol=1e-10, atol=1e-9)
+        np.testing.assert_allclose(v[r], design(f[r], g).T @ wh[r], rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["int3", "nf3"])
+def test_refit_is_least_squares_in_output_error(name):
+    """One refit of a row's grid for fixed codes is the weighted least-squares solution: checked against numpy's
+    lstsq on sqrt(H) times the dense design (before the fp16 rounding of the stored parameters)."""
+    m, k, g = 6, 128, 32
+    w, x = weight(m, k), correlated_inputs(2048, k)
+    h = x.T @ x
+    fmt = get_format(name)
+    hessian = Hessian.of(h)
+    grid = grid_for(fmt, w, g, True)
+    codes, _ = gptq_codes(w, hessian.u, grid, g, order=hessian.order)
+    root = np.linalg.cholesky(h).T  # H = R^T R: ||R (w - A theta)||^2 = (w - A theta) H (w - A theta)^T
+    grid.refit(codes, w, h, g)
+    for r in range(m):
+        if name == "nf3":
+            a = design(grid.cb[codes[r]], g)
+            got = grid.scales[r].astype(np.float64)
+        else:
+            a = np.hstack([design(codes[r].astype(np.float64), g), design(np.ones(k), g)])
+            got = np.concatenate([grid.s[r], grid.b[r]])
+        want = np.linalg.lstsq(root @ a, root @ w[r].astype(np.float64), rcond=None)[0]
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_refit_rounds_lower_the_output_error_of_every_row(name):
+    m, k, g = 48, 192, 32
+    w, x = weight(m, k, seed=4), correlated_inputs(2048, k, seed=5)
+    h = x.T @ x
+    fmt = get_format(name)
+    hessian = Hessian.of(h)
+    plain = fmt.dequantize(gptq_quantize(fmt, w, hessian, g, True, refit_rounds=0)).astype(np.float64)
+    p = gptq_quantize(fmt, w, hessian, g, True)
+    refit = fmt.dequantize(p).astype(np.float64)
+    assert p.meta == fmt.quantize(w, g, True).meta and fmt.codes(p).max() < 2 ** fmt.bits
+    rows = lambda v: np.einsum("ij,ij->i", (w - v) @ h, w - v)  # noqa: E731
+    assert np.all(rows(refit) <= rows(plain) * (1 + 1e-6))  # each row keeps its best pass
+    assert output_error(w, refit, h) < 0.95 * output_error(w, plain, h)
 
 
 def test_gptq_dead_inputs_and_fallback():

@@ -33,11 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from lutq.quantize import nf, uniform
-from lutq.quantize.packed import PackedTensor, check_shape
+from lutq.quantize.packed import PackedTensor, check_shape, to_f16
 
 DAMP = 0.01  # of the mean diagonal of H
 BLOCK = 128  # columns per lazy update; a multiple of every group size, so a group never straddles two blocks
 ACT_ORDER = True  # sweep columns by falling H[k, k], groups fitted first (static): gptq_codes
+REFIT_ROUNDS = 3  # rounds of refitting the grids to the codes for the least output error, then sweeping again
+RIDGE = 1e-6  # refit's pull towards the sweep's grid, of the mean diagonal of each row's system (singular groups)
 
 
 @dataclass
@@ -91,6 +93,42 @@ class UniformGrid:
         q = uniform.assign(col[:, None], s, b, self.nmax)[:, 0]
         return q, s * q + b
 
+    def values(self, q: np.ndarray, group_size: int) -> np.ndarray:
+        return np.repeat(self.s, group_size, axis=1) * q + np.repeat(self.b, group_size, axis=1)
+
+    def refit(self, q: np.ndarray, w: np.ndarray, h: np.ndarray, group_size: int) -> None:
+        """Every row's (scale, offset) pairs re-solved by least squares of tr(dW H dW^T) for the codes q: two
+        unknowns per group, coupled across groups by H. The k variants then round to their 8-bit codes (the offset
+        re-solved for the rounded scales first). Rows keep whichever grid has the smaller output error."""
+        qf, ones = q.astype(np.float64), np.ones_like(w, np.float64)
+        ng = w.shape[1] // group_size
+        m = np.block([[block_gram(qf, qf, h, group_size), block_gram(qf, ones, h, group_size)],
+                      [block_gram(ones, qf, h, group_size), block_gram(ones, ones, h, group_size)]])
+        wh = w.astype(np.float64) @ h
+        v = np.concatenate([block_rhs(qf, wh, group_size), block_rhs(ones, wh, group_size)], axis=1)
+        theta = ridge_solve(m, v, np.concatenate([self.s, self.b], axis=1))
+        s, b = theta[:, :ng], theta[:, ng:]
+        if self.fmt.quantized_params:
+            sq = np.clip(np.rint(s / self.step), 1, 255) if self.step > 0 else np.zeros_like(s)
+            s16, _ = uniform.expand_params_f64(sq, np.zeros_like(sq), self.step, self.bits)
+            b = ridge_solve(m[:, ng:, ng:], v[:, ng:] - np.einsum("rab,rb->ra", m[:, ng:, :ng], s16), self.b)
+            zq = np.clip(np.rint(-b / np.where(s16 > 0, s16, 1.0) / uniform.zero_point_grid(self.bits)), 0, 255)
+            new_s, new_b = uniform.expand_params_f64(sq, zq, self.step, self.bits)
+            new = {"scale_codes": sq.astype(np.uint8), "zero_codes": zq.astype(np.uint8)}
+        else:
+            new_s, new_b = to_f16(s), to_f16(b)
+            new = {"scales": new_s.astype(np.float16), "biases": new_b.astype(np.float16)}
+        self.s, self.b = new_s, new_b
+        self.params.update(new)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The per-row arrays of the grid ([M, K/G] each), for keeping each row's best."""
+        return {"s": self.s, "b": self.b, **{n: a for n, a in self.params.items() if n != "scale_step"}}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        self.s, self.b = state["s"], state["b"]
+        self.params.update({n: a for n, a in state.items() if n not in ("s", "b")})
+
     def pack(self, q: np.ndarray, group_size: int) -> PackedTensor:
         return self.fmt.pack(q, group_size, self.params)
 
@@ -111,6 +149,23 @@ class NormalFloatGrid:
         q = nf.codes_for(col[:, None], s, self.cb)[:, 0]
         return q, s * self.cb[q]
 
+    def values(self, q: np.ndarray, group_size: int) -> np.ndarray:
+        return np.repeat(self.scales.astype(np.float64), group_size, axis=1) * self.cb[q]
+
+    def refit(self, q: np.ndarray, w: np.ndarray, h: np.ndarray, group_size: int) -> None:
+        """Every row's scales re-solved by least squares of tr(dW H dW^T) for the codes q (one unknown per group,
+        coupled across groups by H), rounded to fp16; rows keep whichever has the smaller output error."""
+        c = self.cb[q]
+        s = ridge_solve(block_gram(c, c, h, group_size), block_rhs(c, w.astype(np.float64) @ h, group_size),
+                        self.scales.astype(np.float64))
+        self.scales = to_f16(s).astype(np.float16)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"scales": self.scales}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        self.scales = state["scales"]
+
     def pack(self, q: np.ndarray, group_size: int) -> PackedTensor:
         return self.fmt.pack(q, group_size, self.scales)
 
@@ -122,6 +177,45 @@ def grid_for(fmt, w: np.ndarray, group_size: int, refine: bool):
     if isinstance(fmt, nf.NormalFloatFormat):
         return NormalFloatGrid(fmt, w, group_size, refine)
     return None
+
+
+def block_gram(f: np.ndarray, g: np.ndarray, h: np.ndarray, group_size: int) -> np.ndarray:
+    """M f64[R, n, n] with M[r, a, b] = sum over k in group a, l in group b of f[r, k] H[k, l] g[r, l], for features
+    f, g f64[R, K] (n = K / G groups): the normal matrix of a least-squares fit whose unknowns are per group."""
+    r, k = f.shape
+    n = k // group_size
+    out = np.empty((r, n, n))
+    chunk = max(1, (1 << 23) // (k * n))  # rows per pass: the work array y is chunk x K x n
+    for r0 in range(0, r, chunk):
+        fr, gr = f[r0 : r0 + chunk], g[r0 : r0 + chunk]
+        y = np.empty((len(fr), k, n))  # y[r, k, b] = sum over l in group b of H[k, l] g[r, l]
+        for b in range(n):
+            sl = slice(b * group_size, (b + 1) * group_size)
+            y[:, :, b] = gr[:, sl] @ h[:, sl].T
+        out[r0 : r0 + chunk] = np.einsum("rag,ragb->rab", fr.reshape(len(fr), n, group_size),
+                                         y.reshape(len(fr), n, group_size, n))
+    return out
+
+
+def block_rhs(f: np.ndarray, wh: np.ndarray, group_size: int) -> np.ndarray:
+    """v f64[R, n]: v[r, a] = sum over k in group a of f[r, k] (W H)[r, k], the right-hand side beside block_gram."""
+    r, k = f.shape
+    return (f * wh).reshape(r, k // group_size, group_size).sum(axis=2)
+
+
+def ridge_solve(m: np.ndarray, v: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Per row, argmin of x^T M x - 2 v^T x + lam ||x - prior||^2, lam = RIDGE x mean(diag M): a group whose codes
+    are all equal (its scale and offset then act alike) stays near its prior instead of going singular."""
+    n = m.shape[1]
+    lam = RIDGE * np.maximum(np.einsum("rii->r", m) / n, 1e-30)
+    a = m + lam[:, None, None] * np.eye(n)
+    return np.linalg.solve(a, (v + lam[:, None] * prior)[:, :, None])[:, :, 0]
+
+
+def row_errors(w: np.ndarray, values: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Each row's output error d H d^T, d = w - values: f64[M]."""
+    d = w.astype(np.float64) - values
+    return np.einsum("ij,ij->i", d @ h, d)
 
 
 def supports(fmt) -> bool:
@@ -147,7 +241,7 @@ def inverse_hessian_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
 
 
 def gptq_codes(w: np.ndarray, u: np.ndarray, grid, group_size: int, block: int = BLOCK,
-               order: np.ndarray | None = None):
+               order: np.ndarray | None = None, fitted: bool = False):
     """GPTQ of w f32[M, K] on `grid`: (codes u8[M, K], values f64[M, K]), in W's column order.
 
     u = inverse_hessian_factor(H) with H's rows and columns in the sweep's order. order=None sweeps columns left to
@@ -160,13 +254,11 @@ def gptq_codes(w: np.ndarray, u: np.ndarray, grid, group_size: int, block: int =
     block = max(block, group_size)
     if block % group_size:
         raise ValueError(f"block {block} is not a multiple of the group size {group_size}")
-    if order is not None:
+    if order is not None and not fitted:
         x = w.astype(np.float64)
         for g in range(k // group_size):
             grid.fit(g, x[:, g * group_size : (g + 1) * group_size])
-        perm = order
-    else:
-        perm = np.arange(k)
+    perm = order if order is not None else np.arange(k)
     work = w[:, perm].astype(np.float64)  # the error-updated weights, in sweep order
     codes = np.empty((m, k), np.uint8)
     values = np.empty((m, k), np.float64)
@@ -177,7 +269,7 @@ def gptq_codes(w: np.ndarray, u: np.ndarray, grid, group_size: int, block: int =
         ub = u[b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = perm[b0 + j]
-            if order is None and col % group_size == 0:  # a group's first column: fit it to its current weights
+            if order is None and not fitted and col % group_size == 0:  # a group's first column: fit it to its current weights
                 grid.fit(col // group_size, wb[:, j : j + group_size])
             q, v = grid.round(col // group_size, wb[:, j])
             codes[:, col], values[:, col] = q, v
@@ -188,17 +280,38 @@ def gptq_codes(w: np.ndarray, u: np.ndarray, grid, group_size: int, block: int =
     return codes, values
 
 
-def gptq_quantize(fmt, w: np.ndarray, hessian: Hessian, group_size: int = 64, refine: bool = True) -> PackedTensor:
+def gptq_quantize(fmt, w: np.ndarray, hessian: Hessian, group_size: int = 64, refine: bool = True,
+                  refit_rounds: int | None = None) -> PackedTensor:
     """w f32[M, K] quantized by GPTQ for its inputs' Hessian, stored exactly as fmt.quantize stores it; formats GPTQ
-    does not cover get fmt.quantize."""
+    does not cover get fmt.quantize.
+
+    Then refit_rounds (default REFIT_ROUNDS) rounds of: every group's grid refitted to the codes by least squares of
+    the output error (grid.refit), and the columns swept again on the refitted grids. GPTQ's grids come from the
+    weights alone (the format's scale search, weight error); for the codes it chose, the grid of least output error
+    is another, and on that grid other codes are better. Rows are independent (H is shared, the grids are per row),
+    so each row keeps its best pass: the output error never rises."""
     check_shape(w, group_size)
     if hessian.h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"Hessian of shape {hessian.h.shape} for a weight of shape {w.shape}")
     grid = grid_for(fmt, w, group_size, refine)
     if grid is None:
         return fmt.quantize(w, group_size, refine)
-    codes, _ = gptq_codes(w, hessian.u, grid, group_size, order=hessian.order)
-    return grid.pack(codes, group_size)
+    codes, values = gptq_codes(w, hessian.u, grid, group_size, order=hessian.order)
+    best_codes, best_state, best_err = codes, grid.state(), row_errors(w, values, hessian.h)
+    for _ in range(REFIT_ROUNDS if refit_rounds is None else refit_rounds):
+        grid.refit(codes, w, hessian.h, group_size)
+        for sweep in (False, True):
+            if sweep:
+                codes, values = gptq_codes(w, hessian.u, grid, group_size, order=hessian.order, fitted=True)
+            else:
+                values = grid.values(codes, group_size)
+            err = row_errors(w, values, hessian.h)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_codes = np.where(better[:, None], codes, best_codes)
+            best_state = {n: np.where(better[:, None], a, best_state[n]) for n, a in grid.state().items()}
+    grid.set_state(best_state)
+    return grid.pack(best_codes, group_size)
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
