@@ -406,7 +406,10 @@ def test_fineq_gemv(m, k, group):
             out = np.full((2, m), np.nan, np.float32)
             fineq.gemv_fineq(packed, scales, tables, out, threads=threads)
             assert rel_err(out, ref) <= tol, (exact, threads)
-    for isa in SIMD_ISAS:
+    for isa in SIMD_ISAS:  # AVX-512 without VBMI: int16 tables, word permutes (fineq.word_tables)
+        tables = fineq.ClusterTables(k, group, tokens=2, isa=simd.Isa(isa))
+        tables.build(x)
+        assert tables.tables.dtype == (np.int16 if isa == "avx512" else np.int8)
         out = np.full((2, m), np.nan, np.float32)
         fineq._fineq_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, group, 0, packed.shape[0], out)
         assert rel_err(out, ref) <= INT8_TOL, isa

@@ -17,8 +17,9 @@ and a part of hi:
 
 so per cluster five 16-entry tables (A0..A3, B) replace the 256-entry one: B by one pshufb on the high nibbles, A as
 one 64-entry table indexed by the stored byte itself (one vpermb with AVX512-VBMI, which reads only the low six index
-bits: no index arithmetic; NEON: tbl with a four-register table after & 63; else four pshufb, each byte keeping the
-one of its own mode). Layout 1 stored the mode in bits 7-6 and cost three more instructions per 32 bytes to form the
+bits: no index arithmetic; AVX-512BW without VBMI: the tables kept as int16, A by vpermt2w and B by vpermw on the
+zero-extended bytes, already widened (word_tables); NEON: tbl with a four-register table after & 63; else four
+pshufb, each byte keeping the one of its own mode). Layout 1 stored the mode in bits 7-6 and cost three more instructions per 32 bytes to form the
 index (measured: the kernel took 9-16% longer). The grid offsets are split so every table is centred on zero (the int8
 step follows the largest entry: centring makes it ~3x finer than keeping the offsets in one table), and no
 activation sums are needed.
@@ -31,7 +32,8 @@ activation sums are needed.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from lutq.errors import LutqError
 from lutq.kernels.layout import TILE_M
@@ -45,7 +47,9 @@ from lutq.kernels.simd import (
     load_f16x32,
     load_f32x16,
     load_i8x32,
+    lookup16_words,
     lookup64,
+    lookup64_words,
     prefetch,
     shuffle_bytes,
     splat_f32,
@@ -128,7 +132,7 @@ def _cluster_tables(x0, x1, x2, out):
 
 @njit(cache=True)
 def _build_int8(x, group, tables, tscales):
-    """tables i8[N, C, 5, 16] with one scale per block of BLOCK clusters of a group, tscales f32[N, K/G, blocks
+    """tables i8[N, C, 5, 16] (or the same values in i16: word_tables) with one scale per block of BLOCK clusters of a group, tscales f32[N, K/G, blocks
     per group] (the value of one step), from x f32[N, K]. f32 throughout; two passes per block: the peak in closed
     form, then each cluster's activations times 127/peak into its five tables (_cluster_int8)."""
     n_tok, k = x.shape
@@ -160,19 +164,46 @@ def _build_f32(x, tables):
 
 
 class ClusterTables(TableSet):
-    """fineq's activation tables: five 16-entry tables per cluster of 3 activations, int8 per group (or fp32)."""
+    """fineq's activation tables: five 16-entry tables per cluster of 3 activations, int8 per group (or fp32), kept
+    as int16 for the word permutes of AVX-512 without VBMI (word_tables)."""
 
-    def __init__(self, k: int, group: int, tokens: int = 1, exact: bool = False):
+    def __init__(self, k: int, group: int, tokens: int = 1, exact: bool = False, isa=None):
         if k < 1 or group < 3 or k % group:
             raise LutqError(f"unsupported shape: K = {k}, group size {group} (need K % G == 0)")
         self.k, self.group, self.exact = k, group, exact
-        self.tables = np.zeros((tokens, -(-k // 3), 5, 16), np.float32 if exact else np.int8)
+        dtype = np.float32 if exact else np.int16 if word_tables(isa or ISA) else np.int8  # isa: the kernel's
+        self.tables = np.zeros((tokens, -(-k // 3), 5, 16), dtype)
         self.tscales = np.ones((tokens, k // group, -(-(group // 3 + 1) // BLOCK)), np.float32)  # exact: stay 1
 
     def builder(self, x: np.ndarray):
         if self.exact:
             return _build_f32, (x, self.tables)
         return _build_int8, (x, self.group, self.tables, self.tscales)
+
+
+def word_tables(isa) -> bool:
+    """Whether the int8 tables are kept widened to int16: on AVX-512 without VBMI, whose word permutes (vpermt2w,
+    vpermw) then look up A and B already widened, where bytes would take four pshufb, three blends and two widenings
+    per 32 rows."""
+    return isa.name == "avx512" and not isa.vbmi
+
+
+def _cluster_sum(isa, tables, toff, w):
+    """A[w & 63] + B[w >> 4] of one cluster for 32 stored bytes w, as int16 (compiled per tables' dtype: below)."""
+
+
+@overload(_cluster_sum, inline="always")
+def _cluster_sum_impl(isa, tables, toff, w):
+    if tables.dtype == types.int16:
+        def words(isa, tables, toff, w):
+            return vadd(lookup64_words(isa, tables, toff, w), lookup16_words(isa, tables, toff + 64, w))
+        return words
+
+    def nbytes(isa, tables, toff, w):
+        a = lookup64(isa, tables, toff, w)  # the low six bits: mode << 4 | lo
+        b = shuffle_bytes(isa, broadcast16_x32(tables, toff + 64), high_nibbles(w))
+        return vadd(widen_i8_i16(a), widen_i8_i16(b))
+    return nbytes
 
 
 @njit(cache=True, inline="always")
@@ -187,10 +218,7 @@ def _fineq_group(isa, packed, scales, tables, tscales, group, t, n, g, y):
             off = (t * n_clusters + c) * TILE_M
             prefetch(packed, off + PREFETCH_BYTES)
             toff = (n * n_clusters + c) * 80
-            w = load_i8x32(packed, off)
-            a = lookup64(isa, tables, toff, w)  # the low six bits: mode << 4 | lo
-            b = shuffle_bytes(isa, broadcast16_x32(tables, toff + 64), high_nibbles(w))
-            acc = vadd(acc, vadd(widen_i8_i16(a), widen_i8_i16(b)))
+            acc = vadd(acc, _cluster_sum(isa, tables, toff, load_i8x32(packed, off)))
         in_group = fma_f32(i16_to_f32(acc), splat_f32(tscales[n, g, blk]), in_group)
     return fma_f32(load_f16x32(scales, (t * n_groups + g) * 32), in_group, y)
 

@@ -284,14 +284,16 @@ load_f32x16 = _loader(f32x16)  # 16 values of an f32 array
 
 @intrinsic
 def store_rint_i8x16(typingctx, arr, index, v):
-    """arr[index:index+16] = rint(v) as int8, for an int8 array and |v| < 127.5 (the tables): round to nearest even,
-    convert, narrow, one 16-byte store (AVX-512: vcvtps2dq + vpmovdb; NEON: frintx, fcvtzs, two xtn)."""
-    if v != f32x16:
+    """arr[index:index+16] = rint(v) as int8 (or int16, for an int16 array), for |v| < 127.5 (the tables): round to
+    nearest even, convert, narrow, one 16- (32-) byte store (AVX-512: vcvtps2dq + vpmovdb; NEON: frintx, fcvtzs,
+    two xtn)."""
+    if v != f32x16 or not isinstance(arr, types.Array) or arr.dtype not in (types.int8, types.int16):
         return None
+    elem = I8 if arr.dtype == types.int8 else I16
 
     def codegen(context, builder, sig, args):
         r = _call(builder, "llvm.rint.v16f32", f32x16.llvm_type, [args[2]])
-        q = builder.trunc(builder.fptosi(r, ir.VectorType(I32, 16)), ir.VectorType(I8, 16))
+        q = builder.trunc(builder.fptosi(r, ir.VectorType(I32, 16)), ir.VectorType(elem, 16))
         builder.store(q, _ptr(context, builder, sig.args[0], args[0], args[1], q.type), align=1)
         return context.get_dummy_value()
 
@@ -712,6 +714,41 @@ def lookup64(typingctx, isa, tables, index, idx):
         return out
 
     return i8x32(isa, tables, index, idx), codegen
+
+
+@intrinsic
+def lookup64_words(typingctx, isa, tables, index, idx):
+    """out[i] = T[idx[i] & 63] as int16 for 32 indices, T = the 64 int16 at tables[index:] (four 16-entry tables in a
+    row, widened when built): AVX-512BW's two-register word permute, vpermt2w, on the zero-extended indices. For
+    AVX-512 without VBMI, where a 64-entry byte lookup takes four pshufb and three blends and then a widening."""
+    _check_isa(isa)
+    if idx != i8x32 or isa.isa != "avx512" or not isinstance(tables, types.Array) or tables.dtype != types.int16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        lo, hi = (builder.load(_ptr(context, builder, sig.args[1], args[1], builder.add(args[2], args[2].type(32 * j)),
+                                    i16x32.llvm_type), align=2) for j in range(2))
+        return _call(builder, "llvm.x86.avx512.vpermi2var.hi.512", i16x32.llvm_type,
+                     [lo, builder.zext(args[3], i16x32.llvm_type), hi])
+
+    return i16x32(isa, tables, index, idx), codegen
+
+
+@intrinsic
+def lookup16_words(typingctx, isa, tables, index, idx):
+    """out[i] = T[idx[i] >> 4] as int16 for 32 indices, T = the 16 int16 at tables[index:]: vpermw on the high
+    nibbles (the table read twice into one register: vpermw reads five index bits)."""
+    _check_isa(isa)
+    if idx != i8x32 or isa.isa != "avx512" or not isinstance(tables, types.Array) or tables.dtype != types.int16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        q = builder.load(_ptr(context, builder, sig.args[1], args[1], args[2], ir.VectorType(I16, 16)), align=2)
+        t = builder.shuffle_vector(q, q, ir.Constant(ir.VectorType(I32, 32), [i % 16 for i in range(32)]))
+        i = builder.lshr(builder.zext(args[3], i16x32.llvm_type), _splat(i16x32.llvm_type, 4))
+        return _call(builder, "llvm.x86.avx512.permvar.hi.512", i16x32.llvm_type, [t, i])
+
+    return i16x32(isa, tables, index, idx), codegen
 
 
 @intrinsic
