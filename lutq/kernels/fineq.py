@@ -19,10 +19,10 @@ so per cluster five 16-entry tables (A0..A3, B) replace the 256-entry one: B by 
 one 64-entry table indexed by the stored byte itself (one vpermb with AVX512-VBMI, which reads only the low six index
 bits: no index arithmetic; AVX-512BW without VBMI: the tables kept as int16, A by vpermt2w and B by vpermw on the
 zero-extended bytes, already widened (word_tables); NEON: tbl with a four-register table after & 63; else four
-pshufb, each byte keeping the one of its own mode). Layout 1 stored the mode in bits 7-6 and cost three more instructions per 32 bytes to form the
-index (measured: the kernel took 9-16% longer). The grid offsets are split so every table is centred on zero (the int8
-step follows the largest entry: centring makes it ~3x finer than keeping the offsets in one table), and no
-activation sums are needed.
+pshufb, each byte keeping the one of its own mode). Layout 1 stored the mode in bits 7-6 and cost three more
+instructions per 32 bytes to form the index (measured: the kernel took 9-16% longer). The grid offsets are split so
+every table is centred on zero (the int8 step follows the largest entry: centring makes it ~3x finer than keeping the
+offsets in one table), and no activation sums are needed.
 
     per tile and cluster c, 32 bytes (one per row):  a = vpermb(A0..A3, stored),  b = pshufb(B, stored >> 4)
     acc_int16 += a + b (widened);  per block of BLOCK clusters: group_f32 += tscale * acc;
@@ -132,9 +132,10 @@ def _cluster_tables(x0, x1, x2, out):
 
 @njit(cache=True)
 def _build_int8(x, group, tables, tscales):
-    """tables i8[N, C, 5, 16] (or the same values in i16: word_tables) with one scale per block of BLOCK clusters of a group, tscales f32[N, K/G, blocks
-    per group] (the value of one step), from x f32[N, K]. f32 throughout; two passes per block: the peak in closed
-    form, then each cluster's activations times 127/peak into its five tables (_cluster_int8)."""
+    """tables i8[N, C, 5, 16] (or the same values in i16: word_tables) with one scale per block of BLOCK clusters of
+    a group, tscales f32[N, K/G, blocks per group] (the value of one step), from x f32[N, K]. f32 throughout; two
+    passes per block: the peak in closed form, then each cluster's activations times 127/peak into its five tables
+    (_cluster_int8)."""
     n_tok, k = x.shape
     n_clusters = tables.shape[1]
     for n in range(n_tok):

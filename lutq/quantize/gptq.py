@@ -99,7 +99,7 @@ class UniformGrid:
     def refit(self, q: np.ndarray, w: np.ndarray, h: np.ndarray, group_size: int) -> None:
         """Every row's (scale, offset) pairs re-solved by least squares of tr(dW H dW^T) for the codes q: two
         unknowns per group, coupled across groups by H. The k variants then round to their 8-bit codes (the offset
-        re-solved for the rounded scales first). Rows keep whichever grid has the smaller output error."""
+        re-solved for the rounded scales first). gptq_quantize keeps each row's best grid across rounds."""
         qf, ones = q.astype(np.float64), np.ones_like(w, np.float64)
         ng = w.shape[1] // group_size
         m = np.block([[block_gram(qf, qf, h, group_size), block_gram(qf, ones, h, group_size)],
@@ -154,7 +154,7 @@ class NormalFloatGrid:
 
     def refit(self, q: np.ndarray, w: np.ndarray, h: np.ndarray, group_size: int) -> None:
         """Every row's scales re-solved by least squares of tr(dW H dW^T) for the codes q (one unknown per group,
-        coupled across groups by H), rounded to fp16; rows keep whichever has the smaller output error."""
+        coupled across groups by H), rounded to fp16 (gptq_quantize keeps each row's best across rounds)."""
         c = self.cb[q]
         s = ridge_solve(block_gram(c, c, h, group_size), block_rhs(c, w.astype(np.float64) @ h, group_size),
                         self.scales.astype(np.float64))
@@ -249,6 +249,7 @@ def gptq_codes(w: np.ndarray, u: np.ndarray, grid, group_size: int, block: int =
     (act-order: the columns with the largest H[k, k] first, while the most freedom is left to absorb their errors),
     every group's grid is fitted first from the original weights (static groups: a group's columns are no longer
     swept together) and the columns are rounded in that order; u must then be the factor of H[order][:, order].
+    fitted=True keeps the grid as it is (no group is fitted): the sweeps after a refit.
     """
     m, k = w.shape
     block = max(block, group_size)
@@ -269,7 +270,7 @@ def gptq_codes(w: np.ndarray, u: np.ndarray, grid, group_size: int, block: int =
         ub = u[b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = perm[b0 + j]
-            if order is None and not fitted and col % group_size == 0:  # a group's first column: fit it to its current weights
+            if order is None and not fitted and col % group_size == 0:  # a group's first column: fit it now
                 grid.fit(col // group_size, wb[:, j : j + group_size])
             q, v = grid.round(col // group_size, wb[:, j])
             codes[:, col], values[:, col] = q, v
@@ -316,5 +317,4 @@ def gptq_quantize(fmt, w: np.ndarray, hessian: Hessian, group_size: int = 64, re
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
     """tr(dW H dW^T) = sum over calibration tokens of ||(W - Ŵ) x||^2, dW = W - Ŵ (float64)."""
-    d = w.astype(np.float64) - w_hat
-    return float(np.einsum("ij,ij->", d @ h, d))
+    return float(row_errors(w, w_hat, h).sum())
