@@ -378,7 +378,8 @@ def test_nf_gemv(m, k, group, bits):
     for isa in SIMD_ISAS:
         out = np.full((2, m), np.nan, np.float32)
         if bits == 3:
-            codebook._nf3_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, 0, packed.shape[0], out)
+            codebook._nf3_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, tables.shifts, 0,
+                               packed.shape[0], out)
         else:
             codebook._nf4_tiles(simd.Isa(isa), packed, scales, tables.tables, tables.tscales, 0, packed.shape[0], out)
         assert rel_err(out, ref) <= INT8_TOL, isa
@@ -456,7 +457,7 @@ def float64_tables(kind, x, group, cb):
     return entries, np.repeat(block, 5), blocks
 
 
-@pytest.mark.parametrize("kind", ["nf4", "nf2", "nf3", "fineq"])
+@pytest.mark.parametrize("kind", ["nf4", "nf2", "fineq"])
 @pytest.mark.parametrize("k, group", [(576, 64), (1536, 32), (160, 32)])
 def test_nf_and_fineq_int8_tables_are_the_rounded_float64_tables(kind, k, group):
     """The vectorised f32 builds (closed-form peaks, 16 entries per expression) against float64 math: each scale
@@ -469,8 +470,6 @@ def test_nf_and_fineq_int8_tables_are_the_rounded_float64_tables(kind, k, group)
     cb = {"nf4": NF[4], "nf2": NF[2], "nf3": NF[3]}.get(kind, np.zeros(1)) * np.float32(0.7) + np.float32(0.2)
     if kind == "fineq":
         tables = fineq.ClusterTables(k, group, tokens=3)
-    elif kind == "nf3":
-        tables = codebook.PairTables(k, group, cb, tokens=3)
     else:
         tables = codebook.CodebookTables(k, group, cb, tokens=3)
     tables.build(x)
@@ -484,6 +483,49 @@ def test_nf_and_fineq_int8_tables_are_the_rounded_float64_tables(kind, k, group)
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     np.testing.assert_allclose(tables.tscales.reshape(peak.shape), peak / 127.0, rtol=1e-6)
     assert not got[2, block == 0].any() and tables.tscales.reshape(peak.shape)[2, 0] == 0
+
+
+@pytest.mark.parametrize("k, group", [(576, 64), (1536, 32), (160, 32), (256, 128)])
+def test_nf3_int8_tables_step_per_block_of_16(k, group):
+    """nf3's pair tables against float64 math: each 16-column block's entries in steps of u 2^shift, u = P / (127 2^J)
+    (P: the group's largest |entry|), shift the least in [0, J] that keeps the block's largest |entry| within 127
+    steps, J per token and group the most with 2^J (127 S / P + G / 2) <= 32000 (S: the sum of the group's columns'
+    largest |entry|); and whatever the codes, no row's int16 sum can overflow. Planted massive channels make groups
+    with a large J and quiet blocks whose steps are 16x finer. f32 may round a tie the other way (off by one step, rarely)."""
+    rng = np.random.default_rng(17)
+    x = (rng.standard_normal((3, k)) * rng.uniform(1e-3, 1e3, (3, 1))).astype(np.float32)
+    x[0, 5::group] *= 50.0  # a massive channel in every group of token 0, every other group of token 1
+    x[1, 5::2 * group] *= 50.0
+    x[2, :group] = 0.0  # an all-zero group: zero tables, zero scale
+    cb = NF[3] * np.float32(0.7) + np.float32(0.2)
+    tables = codebook.PairTables(k, group, cb, tokens=3)
+    tables.build(x)
+    a = np.abs(x.astype(np.float64)) * np.abs(cb.astype(np.float64)).max()  # each column's largest |entry|
+    by_group = a.reshape(3, k // group, group)
+    peak = by_group.max(-1)
+    per_step = 127.0 * np.divide(by_group.sum(-1), peak, out=np.zeros_like(peak), where=peak > 0) + group // 2
+    finest = np.where(peak > 0, np.floor(np.log2(32000.0 / per_step)), 0).astype(int)  # J [3, K/G]
+    assert finest.min() == 0 and finest.max() >= 5  # the zero group; a massive channel's
+    group_peak = np.repeat(peak, group // 16, axis=1)  # [3, K/16]
+    block_finest = np.repeat(finest, group // 16, axis=1)
+    block_peak = a.reshape(3, k // 16, 16).max(-1)
+    fits = np.stack([block_peak * 2.0 ** (block_finest - s) <= group_peak for s in range(block_finest.max() + 1)])
+    shifts = np.minimum(fits.argmax(0), block_finest)  # the least shift that fits (J fits always)
+    np.testing.assert_array_equal(tables.shifts, shifts)
+    assert (block_finest - shifts >= 4).any()  # quiet blocks beside a massive channel: steps 16x finer or more
+    u = group_peak / (127.0 * 2.0**block_finest)
+    np.testing.assert_allclose(tables.tscales, u[:, :: group // 16], rtol=1e-6)
+    step = np.repeat(u * 2.0**shifts, 8, axis=1)  # per pair
+    entries, _, _ = float64_tables("nf3", x, group, cb)  # [3, K/2, 16]
+    want = np.rint(np.divide(entries, step[..., None], out=np.zeros_like(entries), where=step[..., None] > 0))
+    got = tables.tables.astype(np.float64)
+    assert np.abs(want).max() <= 127
+    diff = np.abs(got - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert not got[2, : group // 2].any() and tables.tscales[2, 0] == 0
+    # the largest |sum| codes can make: each column's largest |entry| (a pair table holds both columns' 8) << shift
+    column_max = np.abs(got).reshape(3, k // 2, 2, 8).max(-1).reshape(3, k // 16, 16).sum(-1) * 2.0**tables.shifts
+    assert column_max.reshape(3, k // group, group // 16).sum(-1).max() <= 32767
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -496,6 +496,26 @@ def vadd(typingctx, a, b):
 
 
 @intrinsic
+def shift_left(typingctx, v, n):
+    """v << n per lane, n a run-time integer (one shift count for every lane: x86 vpsllw, NEON shl by a dup)."""
+    if not isinstance(v, Vec) or v.kind != "i" or not isinstance(n, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        elem = v.llvm_type.element
+        count = args[1]
+        if count.type.width > elem.width:
+            count = builder.trunc(count, elem)
+        elif count.type.width < elem.width:
+            count = builder.zext(count, elem)
+        splat = builder.insert_element(ir.Constant(v.llvm_type, ir.Undefined), count, I32(0))
+        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(I32, v.count), [0] * v.count))
+        return builder.shl(args[0], splat)
+
+    return v(v, n), codegen
+
+
+@intrinsic
 def crumbs(typingctx, v, c):
     """(v >> 2c) & 3 per byte: the c-th 2-bit code of every byte."""
 
