@@ -57,7 +57,7 @@ def fresh_kernels(isa: simd.Isa) -> dict[str, str]:
     calls = {
         "int2/3/4 (lut._simd_tiles)": (lut._simd_tiles, (pack_bitserial(codes, 2), params, *t, 2, 0, 1, out)),
         "nf3 (codebook._nf3_tiles)": (codebook._nf3_tiles, (pack_codebook3(codes), scales, pair_tables.tables,
-                                                            pair_tables.tscales, pair_tables.shifts, 0, 1, out)),
+                                                            pair_tables.tscales, pair_tables.block_steps, 0, 1, out)),
         "nf4, nf2 (codebook._nf4_tiles)": (codebook._nf4_tiles,
                                       (pack_codebook(codes), scales, cb_tables.tables, cb_tables.tscales, 0, 1, out)),
         "fineq (fineq._fineq_tiles)": (fineq._fineq_tiles,

@@ -33,12 +33,12 @@ from lutq.kernels.simd import (
     load_i8x64,
     low_nibbles,
     prefetch,
-    shift_left,
     shuffle_bytes,
     splat_f32,
     spare_codes,
     splat_f32x16,
     splat_i16x32,
+    times,
     store_rint_i8x16,
     vadd,
     vmul,
@@ -227,17 +227,17 @@ class CodebookTables(TableSet):
 #   tables, per column pair P (16 bytes): [ cb[0..7] x_2P | cb[0..7] x_2P+1 ], in every lane
 #   pshufb(table of pair 8b + 2i + h, code_index(Ri, h)): byte 2r + j = T[code + 8j] = cb[code] x_(16b + 4i + 2h + j)
 #   pmaddubsw with (1, 1): int16 per row = its two columns, 32 rows in row order; 8 lookups per 16 columns
-#   per block b: acc_int16 += (its 8 lookups' sum) << shift_b;  every G columns: rows_f32 += s * tscale * acc
+#   per block b: acc_int16 += (its 8 lookups' sum) * m_b;  every G columns: rows_f32 += s * tscale * acc
 #
 # Table steps: one int8 step per group would round every entry to the group's largest |cb x| / 127, and a group's
 # activations span a wide range (SmolLM2's massive channels), so its quiet blocks lost most of their bits: nf3's
 # layer outputs had ~3x the relative error of int3/int4's, whose tables are per 4 activations. Each block of 16
-# columns therefore gets its own step, the group's finest step u = P / (127 2^J) (P: the group's largest |entry|)
-# times 2^shift_b, shift_b in [0, J] the least that keeps the block's entries within +-127. J, per token and group,
-# is the most the int16 accumulator allows: a row's sum is at most sum_c max_e |T_c[e]| 2^shift_b (each column's
-# largest entry, in units of u) <= 2^J (127 S / P + G / 2) with S = sum_c max|cb| |x_c| (the G / 2: rounding), kept
-# within 32000. Gaussian activations, G = 64: J ~ 3 (8x finer steps where the block is quiet); a group with one
-# massive channel: J ~ 6. The cost is one shift per 16 columns.
+# columns therefore gets its own step, m_b times the group's finest step u = P / (127 M) (P: the group's largest
+# |entry|), m_b in [1, M] the least that keeps the block's entries within +-127: ceil(M p_b / P), p_b the block's
+# largest |entry|. M, per token and group, is the most the int16 accumulator allows: a row's sum is at most
+# sum_c max_e |T_c[e]| m_b (each column's largest entry, in units of u) <= M (127 S / P + G / 2) with S = sum_c
+# max|cb| |x_c| (the G / 2: rounding), kept within 32000. Gaussian activations, G = 64: M ~ 12; a group with one
+# massive channel: M ~ 100. The cost is one int16 multiply per 16 columns.
 
 
 # A pair table's entry e multiplies x_2P (e < 8) or x_2P+1 (e >= 8): 0/1 weights folded into the codebook (cb16
@@ -247,12 +247,23 @@ ACC_BOUND = 32000  # the largest |int16 sum| a group's steps may allow (32767 le
 SECOND = np.array([0.0] * 8 + [1.0] * 8, np.float32)
 
 
+@njit(cache=True, inline="always")
+def _block_abs(x, n, i0):
+    """(max, sum) of |x[n, i0:i0 + 16]| in four independent chains (one chain's latency made the build 2x slower)."""
+    m0 = m1 = m2 = m3 = s0 = s1 = s2 = s3 = np.float32(0.0)
+    for i in range(i0, i0 + 16, 4):
+        a0, a1, a2, a3 = abs(x[n, i]), abs(x[n, i + 1]), abs(x[n, i + 2]), abs(x[n, i + 3])
+        m0, m1, m2, m3 = max(m0, a0), max(m1, a1), max(m2, a2), max(m3, a3)
+        s0, s1, s2, s3 = s0 + a0, s1 + a1, s2 + a2, s3 + a3
+    return max(max(m0, m1), max(m2, m3)), (s0 + s1) + (s2 + s3)
+
+
 @njit(cache=True)
-def build_pair_tables_int8(x, coefs, cb_peak, group, tables, tscales, shifts):
+def build_pair_tables_int8(x, coefs, cb_peak, group, tables, tscales, steps):
     """x f32[N, K] -> tables i8[N, K/2, 16]: entry e of pair P is cb[e & 7] x_(2P + e // 8) in steps of
-    tscales[n, g] << shifts[n, b] (the layout comment above): tscales f32[N, K/G] = the group's largest |entry|
-    P = max |cb| max |x| / (127 2^J), J the most that keeps the int16 sums within ACC_BOUND, shifts i32[N, K/16] per
-    16-column block, the least in [0, J] that keeps the block's largest |entry| within 127 steps. f32 throughout, all 16 entries of a pair in one f32x16
+    tscales[n, g] * steps[n, b] (the layout comment above): tscales f32[N, K/G] = the group's largest |entry|
+    P = max |cb| max |x| / (127 M), M the most that keeps the int16 sums within ACC_BOUND, steps i32[N, K/16] per
+    16-column block, the least in [1, M] that keeps the block's largest |entry| within 127 steps. f32 throughout, all 16 entries of a pair in one f32x16
     expression, cb16 first * y0 + cb16 second * y1, rounded and stored as 16 bytes (build_codebook_tables_int8).
     coefs f32[2, 16]: (cb16 first, cb16 second); cb_peak: max |cb| (PairTables)."""
     n_tok, k = x.shape
@@ -262,26 +273,23 @@ def build_pair_tables_int8(x, coefs, cb_peak, group, tables, tscales, shifts):
         for g in range(k // group):
             peak = np.float32(0.0)
             total = np.float32(0.0)
-            for i in range(g * group, (g + 1) * group):
-                peak = max(peak, abs(x[n, i]))
-                total += abs(x[n, i])
+            for b in range(g * group // 16, (g + 1) * group // 16):
+                block_peak, block_total = _block_abs(x, n, 16 * b)
+                peak = max(peak, block_peak)
+                total += block_total
             peak *= cb_peak
-            finest = 0  # J
+            most = 1  # M; 1 (one step per group, entries within 127) is always safe: G 127 <= 32767
             if peak > 0:
                 per_step = np.float32(TABLE_MAX) * (total * cb_peak / peak) + np.float32(group // 2)
-                while per_step * np.float32(2 << finest) <= np.float32(ACC_BOUND):
-                    finest += 1
-            tscales[n, g] = peak / np.float32(TABLE_MAX * (1 << finest))
+                most = max(1, int(np.float32(ACC_BOUND) / per_step))
+            tscales[n, g] = peak / np.float32(TABLE_MAX * most)
+            per_peak = np.float32(most) / peak if peak > 0 else np.float32(0.0)  # M / P
             for b in range(g * group // 16, (g + 1) * group // 16):
-                block_peak = np.float32(0.0)
-                for i in range(16 * b, 16 * b + 16):
-                    block_peak = max(block_peak, abs(x[n, i]))
-                block_peak *= cb_peak
-                shift = finest  # halve the step while the block's peak still fits: block_peak 2^(finest - shift) <= peak
-                while shift > 0 and block_peak * np.float32(1 << (finest - shift + 1)) <= peak:
-                    shift -= 1
-                shifts[n, b] = shift
-                inv = np.float32(TABLE_MAX * (1 << (finest - shift))) / peak if peak > 0 else np.float32(0.0)
+                block_peak = _block_abs(x, n, 16 * b)[0] * cb_peak
+                # ceil(M p_b / P) in f32: a quotient rounded down past an integer leaves entries within 127 (1 + 1e-6)
+                step = min(most, max(1, int(np.ceil(block_peak * per_peak))))
+                steps[n, b] = step
+                inv = np.float32(TABLE_MAX) * per_peak / np.float32(step)
                 for pair in range(8 * b, 8 * b + 8):
                     y0, y1 = splat_f32x16(x[n, 2 * pair] * inv), splat_f32x16(x[n, 2 * pair + 1] * inv)
                     store_rint_i8x16(tables, (n * n_pairs + pair) * 16, vadd(vmul(first, y0), vmul(second, y1)))
@@ -306,7 +314,7 @@ def _pair_lookups(isa, tables, toff, codes):
 
 
 @njit(cache=True, inline="always")
-def _nf3_group(isa, packed, scales, tables, tscales, shifts, t, n, g, y):
+def _nf3_group(isa, packed, scales, tables, tscales, steps, t, n, g, y):
     """y + tile t's rows' sum over quantization group g for token n (nf3 on codebook3 codes)."""
     n_blocks = packed.shape[1]
     n_groups = tscales.shape[1]
@@ -322,15 +330,15 @@ def _nf3_group(isa, packed, scales, tables, tscales, shifts, t, n, g, y):
         block = vadd(_pair_lookups(isa, tables, toff, r0), _pair_lookups(isa, tables, toff + 32, r1))
         block = vadd(block, _pair_lookups(isa, tables, toff + 64, r2))
         block = vadd(block, _pair_lookups(isa, tables, toff + 96, spare_codes(r0, r1, r2)))
-        acc = vadd(acc, shift_left(block, shifts[n, b]))
+        acc = vadd(acc, times(block, steps[n, b]))
     scale = load_f16x32(scales, (t * n_groups + g) * 32)
     return fma_f32(scale, fma_f32(i16_to_f32(acc), splat_f32(tscales[n, g]), zeros_f32x32()), y)
 
 
 @njit(cache=True)
-def _nf3_tiles(isa, packed, scales, tables, tscales, shifts, t0, t1, out):
+def _nf3_tiles(isa, packed, scales, tables, tscales, steps, t0, t1, out):
     """nf3: packed u8[T, K/16, 3, 64] (codebook3), scales u16[T, K/G, 32], pair tables [N, K/2, 16] with their steps
-    (tscales [N, K/G], shifts [N, K/16]); two tiles advance together, as in lut._simd_tiles (two DRAM streams)."""
+    (tscales [N, K/G], steps [N, K/16]); two tiles advance together, as in lut._simd_tiles (two DRAM streams)."""
     n_tok = out.shape[0]
     n_groups = tscales.shape[1]
     mid = (t1 - t0) // 2
@@ -339,20 +347,20 @@ def _nf3_tiles(isa, packed, scales, tables, tscales, shifts, t0, t1, out):
             ya = zeros_f32x32()
             yb = zeros_f32x32()
             for g in range(n_groups):
-                ya = _nf3_group(isa, packed, scales, tables, tscales, shifts, t, n, g, ya)
-                yb = _nf3_group(isa, packed, scales, tables, tscales, shifts, t + mid, n, g, yb)
+                ya = _nf3_group(isa, packed, scales, tables, tscales, steps, t, n, g, ya)
+                yb = _nf3_group(isa, packed, scales, tables, tscales, steps, t + mid, n, g, yb)
             store_rows(out, n, t, ya)
             store_rows(out, n, t + mid, yb)
     for t in range(t0 + 2 * mid, t1):
         for n in range(n_tok):
             y = zeros_f32x32()
             for g in range(n_groups):
-                y = _nf3_group(isa, packed, scales, tables, tscales, shifts, t, n, g, y)
+                y = _nf3_group(isa, packed, scales, tables, tscales, steps, t, n, g, y)
             store_rows(out, n, t, y)
 
 
 @njit(cache=True)
-def _nf3_plain_tiles(packed, scales, tables, tscales, shifts, t0, t1, out):
+def _nf3_plain_tiles(packed, scales, tables, tscales, steps, t0, t1, out):
     """The same layout read nibble by nibble (exact with f32 tables; the kernel of CPUs without SIMD)."""
     n_tok, m = out.shape
     n_blocks = packed.shape[1]
@@ -374,7 +382,7 @@ def _nf3_plain_tiles(packed, scales, tables, tscales, shifts, t0, t1, out):
                                     fourth |= (nibble >> 3) << i
                                     block += np.float64(tables[n, 8 * b + 2 * i + h, 8 * j + (nibble & 7)])
                                 block += np.float64(tables[n, 8 * b + 6 + h, 8 * j + fourth])
-                        lookups += block * np.float64(1 << shifts[n, b])
+                        lookups += block * np.float64(steps[n, b])
                     scale = np.float64(load_f16(scales, (t * n_groups + g) * 32 + r))
                     acc += scale * np.float64(tscales[n, g]) * lookups
                 out[n, TILE_M * t + r] = acc
@@ -382,7 +390,7 @@ def _nf3_plain_tiles(packed, scales, tables, tscales, shifts, t0, t1, out):
 
 class PairTables(TableSet):
     """Tables for the codebook3 layout (nf3): per activation pair, T_P[e] = cb[e & 7] x_(2P + e // 8). int8 with a
-    step per 16 columns, a power-of-two multiple of the group's finest step (exact=True: fp32, steps of 1)."""
+    step per 16 columns, a multiple of the group's finest step (exact=True: fp32, steps of 1)."""
 
     def __init__(self, k: int, group: int, codebook: np.ndarray, tokens: int = 1, exact: bool = False):
         check_group(k, group)
@@ -396,13 +404,13 @@ class PairTables(TableSet):
         self.cb_peak = np.abs(cb).max()
         self.tables = np.zeros((tokens, k // 2, 16), np.float32 if exact else np.int8)
         self.tscales = np.ones((tokens, k // group), np.float32)  # the exact mode's stay 1
-        self.shifts = np.zeros((tokens, k // 16), np.int32)  # and its shifts 0
+        self.block_steps = np.ones((tokens, k // 16), np.int32)  # and its block steps 1
 
     def builder(self, x: np.ndarray):
         if self.exact:
             return build_pair_tables_f32, (x, self.codebook, self.tables)
         return build_pair_tables_int8, (x, self.coefs, self.cb_peak, self.group, self.tables, self.tscales,
-                                        self.shifts)
+                                        self.block_steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -441,7 +449,7 @@ def gemv_nf3(packed, scales, tables: PairTables, out, threads: int | None = None
     if packed.shape[1] * 16 != tables.k:
         raise LutqError(f"weights with {packed.shape[1] * 16} columns do not match tables of K = {tables.k}")
     _check(packed, scales, out, tables.k, tables.group, tables.tables.shape[0], (3, 2 * TILE_M))
-    args = (packed, scales, tables.tables, tables.tscales, tables.shifts)
+    args = (packed, scales, tables.tables, tables.tscales, tables.block_steps)
     weights = packed.shape[0] * TILE_M * tables.k * out.shape[0]
     if tables.exact or ISA.name == "portable":
         return run_tiles(_nf3_plain_tiles, _parallel_plain_nf3, args, packed.shape[0], weights, threads, out, bind)
@@ -466,14 +474,14 @@ def _parallel_plain_nf4(packed, scales, tables, tscales, chunks, out):
 
 
 @njit(cache=True, parallel=True)
-def _parallel_nf3(isa, packed, scales, tables, tscales, shifts, chunks, out):
+def _parallel_nf3(isa, packed, scales, tables, tscales, steps, chunks, out):
     n = packed.shape[0]
     for c in prange(chunks):
-        _nf3_tiles(isa, packed, scales, tables, tscales, shifts, c * n // chunks, (c + 1) * n // chunks, out)
+        _nf3_tiles(isa, packed, scales, tables, tscales, steps, c * n // chunks, (c + 1) * n // chunks, out)
 
 
 @njit(cache=True, parallel=True)
-def _parallel_plain_nf3(packed, scales, tables, tscales, shifts, chunks, out):
+def _parallel_plain_nf3(packed, scales, tables, tscales, steps, chunks, out):
     n = packed.shape[0]
     for c in prange(chunks):
-        _nf3_plain_tiles(packed, scales, tables, tscales, shifts, c * n // chunks, (c + 1) * n // chunks, out)
+        _nf3_plain_tiles(packed, scales, tables, tscales, steps, c * n // chunks, (c + 1) * n // chunks, out)

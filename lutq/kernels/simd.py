@@ -496,21 +496,21 @@ def vadd(typingctx, a, b):
 
 
 @intrinsic
-def shift_left(typingctx, v, n):
-    """v << n per lane, n a run-time integer (one shift count for every lane: x86 vpsllw, NEON shl by a dup)."""
+def times(typingctx, v, n):
+    """v * n per lane, n a run-time integer (one factor for every lane: x86 vpmullw by a broadcast, NEON mul)."""
     if not isinstance(v, Vec) or v.kind != "i" or not isinstance(n, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
         elem = v.llvm_type.element
-        count = args[1]
-        if count.type.width > elem.width:
-            count = builder.trunc(count, elem)
-        elif count.type.width < elem.width:
-            count = builder.zext(count, elem)
-        splat = builder.insert_element(ir.Constant(v.llvm_type, ir.Undefined), count, I32(0))
+        factor = args[1]
+        if factor.type.width > elem.width:
+            factor = builder.trunc(factor, elem)
+        elif factor.type.width < elem.width:
+            factor = builder.sext(factor, elem)
+        splat = builder.insert_element(ir.Constant(v.llvm_type, ir.Undefined), factor, I32(0))
         splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(I32, v.count), [0] * v.count))
-        return builder.shl(args[0], splat)
+        return builder.mul(args[0], splat)
 
     return v(v, n), codegen
 
