@@ -363,6 +363,9 @@ def eval(
     threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="CPU threads."),
     kv_cache: str = typer.Option("f32", "--kv-cache", help=KV_HELP),
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+    dense: bool = typer.Option(False, "--dense", help="Run a quantized model's weights dequantized to fp32 (BLAS) "
+                               "instead of on the LUT kernels: the format's own error, without the kernels' int8 "
+                               "tables. Slower, more memory."),
 ):
     """Perplexity over non-overlapping windows of --ctx tokens, each scored on every position but its first.
 
@@ -393,11 +396,11 @@ def eval(
             raise LutqError(f"--ctx {ctx} exceeds the model's context window of {ckpt.config.max_position_embeddings}")
         if count_windows(len(ids), ctx, max_windows) == 0:
             raise LutqError(f"{text}: {len(ids)} tokens, fewer than one window of --ctx {ctx}")
-        net = load_model(ckpt, ctx, kv_cache=kv_cache)
+        net = load_model(ckpt, ctx, kernels=not dense, kv_cache=kv_cache)
         with progress_bar() as bar:
             task = bar.add_task("eval", total=count_windows(len(ids), ctx, max_windows))
             res = perplexity(net, ids, ctx, max_windows, on_window=lambda done, n: bar.update(task, completed=done))
-    result = {"model": model, "text": str(text), **res.to_dict()}
+    result = {"model": model, "text": str(text), **res.to_dict(), "dense": dense}
     if as_json:
         import json
 

@@ -89,6 +89,29 @@ def test_eval_command_json(tiny_models, text_file, tmp_path):
     assert json.loads(half.stdout)["perplexity"] == pytest.approx(direct, rel=1e-3)  # keys/values to 11 bits
 
 
+def test_eval_dense_runs_the_dequantized_weights(tiny_models, text_file, tmp_path):
+    """`--dense`: a quantized model's perplexity through its dequantized weights equals transformers' on the same
+    model with those weights copied in; through the kernels (int8 tables) it differs."""
+    import copy
+
+    import torch
+
+    path, torch_model = tiny_models("llama")
+    q = lutq("quantize", path, tmp_path / "nf3", "--format", "nf3", "-g", "32", "--json")
+    assert q.returncode == 0, q.stderr
+    args = ("eval", tmp_path / "nf3", "--text", text_file, "--ctx", "32", "--max-windows", "3", "--json")
+    dense, kernels = (json.loads(lutq(*args, *extra).stdout) for extra in (("--dense",), ()))
+    assert dense["dense"] and not kernels["dense"]
+    model = copy.deepcopy(torch_model)
+    with open_checkpoint(tmp_path / "nf3") as ckpt, torch.no_grad():
+        for name, param in model.named_parameters():
+            if ckpt.has(name):
+                param.copy_(torch.from_numpy(np.asarray(ckpt.load(name), np.float32)))
+    ids = Tokenizer(path).encode(text_file.read_text())
+    assert dense["perplexity"] == pytest.approx(reference_perplexity(model, ids, 32, 3), rel=1e-4)
+    assert kernels["perplexity"] != dense["perplexity"]
+
+
 def test_eval_command_errors(tiny_models, text_file, tmp_path):
     path = tiny_models("llama")[0]
     assert_clean_error(lutq("eval", path, "--text", tmp_path / "none.txt"), "none.txt")
