@@ -34,6 +34,29 @@ def test_rules():
             parse_rules(bad)
 
 
+def test_rules_from_a_file(tiny, tmp_path):
+    """`--format @FILE`: the same rules, one per line or comma-separated, with comments; the weights come out in
+    the file's formats; a missing or empty file is a clean error."""
+    path = tmp_path / "plan.rules"
+    path.write_text("# a plan\nnf3  # the default\n*.down_proj=int4:32, *.v_proj=int3k\n\nmodel.layers.0.*=fp16\n")
+    rules = parse_rules(f"@{path}")
+    assert str(rules) == str(parse_rules("nf3,*.down_proj=int4:32,*.v_proj=int3k,model.layers.0.*=fp16"))
+    out = tmp_path / "q"
+    res = lutq("quantize", tiny, out, "--format", f"@{path}", "-g", "32")
+    assert res.returncode == 0, res.stderr
+    report = {t["name"]: t for t in json.loads((out / "quant_report.json").read_text())["tensors"]}
+    assert report["model.layers.1.mlp.down_proj.weight"]["format"] == "int4"
+    assert report["model.layers.1.mlp.down_proj.weight"]["group_size"] == 32
+    assert report["model.layers.1.self_attn.v_proj.weight"]["format"] == "int3k"
+    assert report["model.layers.1.self_attn.q_proj.weight"]["format"] == "nf3"
+    assert report["model.layers.0.self_attn.q_proj.weight"]["format"] == "fp16"
+    empty = tmp_path / "empty.rules"
+    empty.write_text("# nothing\n")
+    for spec, msg in ((f"@{tmp_path / 'none.rules'}", "none.rules"), (f"@{empty}", "no rules")):
+        assert_clean_error(lutq("quantize", tiny, tmp_path / "q2", "--format", spec), msg)
+    assert not (tmp_path / "q2").exists()
+
+
 def test_quantize_then_generate_and_inspect(tiny, tmp_path):
     out = tmp_path / "q"
     res = lutq("quantize", tiny, out, "--format", "nf4,*.down_proj=int4", "-g", "32")

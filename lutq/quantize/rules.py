@@ -9,6 +9,10 @@ without ".weight" (`model.layers.3.mlp.down_proj`, `lm_head`), and also against 
 name or `fp16`, which leaves the weight unquantized (stored as fp16), optionally with its own group size as
 FORMAT:G (`*.down_proj=int4:32`; without it, --group-size). The default may be `auto` with --bits-budget: the planner
 then chooses the format of every weight that no glob pins.
+
+`@FILE` reads the rules from a file instead: the same items, separated by commas or newlines, `#` starting a
+comment. A plan that `--bits-budget` chose can be kept that way and rounded again (the weights' formats are in the
+directory's quant_report.json; recipes/ holds such files).
 """
 
 from __future__ import annotations
@@ -64,7 +68,23 @@ def parse_choice(text: str, where: str) -> Choice:
     return Choice(name, int(g))
 
 
+def read_rules_file(spec: str) -> str:
+    """`@FILE` -> the file's rules as one comma-separated spec (comments and blank lines dropped)."""
+    path = spec[1:]
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LutqError(f"--format {spec}: cannot read {path} ({getattr(e, 'strerror', None) or type(e).__name__})")
+    items = [item.strip() for line in text.splitlines() for item in line.split("#", 1)[0].split(",")]
+    items = [item for item in items if item]
+    if not items:
+        raise LutqError(f"--format {spec}: {path} holds no rules")
+    return ",".join(items)
+
+
 def parse_rules(spec: str) -> Rules:
+    if spec.startswith("@"):
+        spec = read_rules_file(spec)
     items = [item.strip() for item in spec.split(",")]
     if not items or not items[0] or "=" in items[0]:
         raise LutqError(f"--format {spec!r}: the first item must be the default format, e.g. nf3,lm_head=int4")
