@@ -236,15 +236,15 @@ class CodebookTables(TableSet):
 # |entry|), m_b in [1, M] the least that keeps the block's entries within +-127: ceil(M p_b / P), p_b the block's
 # largest |entry|. M, per token and group, is the most the int16 accumulator allows: a row's sum is at most
 # sum_c max_e |T_c[e]| m_b (each column's largest entry, in units of u) <= M (127 S / P + G / 2) with S = sum_c
-# max|cb| |x_c| (the G / 2: rounding), kept within 32000. Gaussian activations, G = 64: M ~ 12; a group with one
-# massive channel: M ~ 100. The cost is one int16 multiply per 16 columns.
+# max|cb| |x_c| (the G / 2: rounding), kept within 32000. Gaussian activations, G = 64: M ~ 11; a group with one
+# channel 50x the rest: M ~ 100. The cost is one int16 multiply per 16 columns.
 
 
 # A pair table's entry e multiplies x_2P (e < 8) or x_2P+1 (e >= 8): 0/1 weights folded into the codebook (cb16
 # first, cb16 second; PairTables builds them once), so all 16 entries are one expression with constant coefficients.
 FIRST = np.array([1.0] * 8 + [0.0] * 8, np.float32)
-ACC_BOUND = 32000  # the largest |int16 sum| a group's steps may allow (32767 less a margin for f32 rounding)
 SECOND = np.array([0.0] * 8 + [1.0] * 8, np.float32)
+ACC_BOUND = 32000  # the largest |int16 sum| a group's steps may allow (32767 less a margin for f32 rounding)
 
 
 @njit(cache=True, inline="always")
@@ -261,11 +261,12 @@ def _block_abs(x, n, i0):
 @njit(cache=True)
 def build_pair_tables_int8(x, coefs, cb_peak, group, tables, tscales, steps):
     """x f32[N, K] -> tables i8[N, K/2, 16]: entry e of pair P is cb[e & 7] x_(2P + e // 8) in steps of
-    tscales[n, g] * steps[n, b] (the layout comment above): tscales f32[N, K/G] = the group's largest |entry|
-    P = max |cb| max |x| / (127 M), M the most that keeps the int16 sums within ACC_BOUND, steps i32[N, K/16] per
-    16-column block, the least in [1, M] that keeps the block's largest |entry| within 127 steps. f32 throughout, all 16 entries of a pair in one f32x16
-    expression, cb16 first * y0 + cb16 second * y1, rounded and stored as 16 bytes (build_codebook_tables_int8).
-    coefs f32[2, 16]: (cb16 first, cb16 second); cb_peak: max |cb| (PairTables)."""
+    tscales[n, g] * steps[n, b] (the layout comment above). tscales f32[N, K/G]: u = P / (127 M), P the group's
+    largest |entry| (max |cb| max |x|), M the most that keeps the int16 sums within ACC_BOUND; steps i32[N, K/16]:
+    per 16-column block, the least multiple of u in [1, M] that keeps the block's largest |entry| within 127 steps.
+    f32 throughout, all 16 entries of a pair in one f32x16 expression, cb16 first * y0 + cb16 second * y1, rounded
+    and stored as 16 bytes (build_codebook_tables_int8). coefs f32[2, 16]: (cb16 first, cb16 second); cb_peak:
+    max |cb| (PairTables)."""
     n_tok, k = x.shape
     n_pairs = tables.shape[1]
     first, second = load_f32x16(coefs[0], 0), load_f32x16(coefs[1], 0)
