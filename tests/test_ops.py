@@ -34,6 +34,32 @@ def test_silu_mul_far_tails_stay_finite():
     np.testing.assert_allclose(out[:, 3:], np.tile(g[3:], (2, 1)), rtol=1e-6)  # silu(g) -> g for g >> 0
 
 
+def test_elementwise_ops_do_not_depend_on_where_their_output_lies():
+    """The same inputs give the same bits whether the output buffer lies before or after the input in memory. LLVM
+    versions a loop whose store may alias its loads (a vector body and a scalar fallback, chosen at run time by the
+    addresses); under full fast-math the two rounded silu differently, so a model's logits changed between its
+    first and later forwards (their buffers came from different places)."""
+    from lutq.runtime.ops import relu2_mul_into
+
+    rng = np.random.default_rng(3)
+    T, F = 64, 1536
+    gate_up = (rng.standard_normal((T, 2 * F)) * 3).astype(np.float32)
+    x, weight = (rng.standard_normal((T, 576)) * 3).astype(np.float32), rng.standard_normal(576).astype(np.float32)
+    for fn, src, n_out, extra in ((silu_mul_into, gate_up, F, ()), (relu2_mul_into, gate_up, F, ()),
+                                  (rms_norm_into, x, x.shape[1], (weight, 1e-5))):
+        results = []
+        n_in, n_o = src.size, T * n_out
+        buf = np.empty(n_in + n_o + 32, np.float32)
+        for i0, o0 in ((0, n_in), (0, n_in + 5), (n_o, 0), (n_o + 7, 0)):  # output after the input, then before it
+            inp = buf[i0:i0 + n_in].reshape(src.shape)
+            inp[:] = src
+            out = buf[o0:o0 + n_o].reshape(T, n_out)
+            fn(inp, *extra, out)
+            results.append(out.copy())
+        for r in results[1:]:
+            np.testing.assert_array_equal(r, results[0], err_msg=fn.__name__)
+
+
 def test_add_rms_norm_is_the_residual_then_the_norm():
     rng = np.random.default_rng(1)
     x, delta = rng.standard_normal((3, 576)).astype(np.float32), rng.standard_normal((3, 576)).astype(np.float32)
