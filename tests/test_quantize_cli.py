@@ -52,7 +52,10 @@ def test_rules_from_a_file(tiny, tmp_path):
     assert report["model.layers.0.self_attn.q_proj.weight"]["format"] == "fp16"
     empty = tmp_path / "empty.rules"
     empty.write_text("# nothing\n")
-    for spec, msg in ((f"@{tmp_path / 'none.rules'}", "none.rules"), (f"@{empty}", "no rules")):
+    bad = tmp_path / "bad.rules"
+    bad.write_text("nf3\n*.down_proj=int9\n")
+    for spec, msg in ((f"@{tmp_path / 'none.rules'}", "none.rules"), (f"@{empty}", "no rules"),
+                      (f"@{bad}", "bad.rules")):
         assert_clean_error(lutq("quantize", tiny, tmp_path / "q2", "--format", spec), msg)
     assert not (tmp_path / "q2").exists()
 

@@ -84,7 +84,11 @@ def read_rules_file(spec: str) -> str:
 
 def parse_rules(spec: str) -> Rules:
     if spec.startswith("@"):
-        spec = read_rules_file(spec)
+        text = read_rules_file(spec)
+        try:
+            return parse_rules(text)
+        except LutqError as e:
+            raise LutqError(f"{spec[1:]}: {e}") from None
     items = [item.strip() for item in spec.split(",")]
     if not items or not items[0] or "=" in items[0]:
         raise LutqError(f"--format {spec!r}: the first item must be the default format, e.g. nf3,lm_head=int4")
