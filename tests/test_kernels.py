@@ -484,7 +484,7 @@ def test_nf_and_fineq_int8_tables_are_the_rounded_float64_tables(kind, k, group)
     rng = np.random.default_rng(13)
     x = (rng.standard_normal((3, k)) * rng.uniform(1e-3, 1e3, (3, 1))).astype(np.float32)
     x[2, :group] = 0.0  # an all-zero group: zero tables, zero scale
-    cb = {"nf4": NF[4], "nf2": NF[2], "nf3": NF[3]}.get(kind, np.zeros(1)) * np.float32(0.7) + np.float32(0.2)
+    cb = {"nf4": NF[4], "nf2": NF[2]}.get(kind, np.zeros(1)) * np.float32(0.7) + np.float32(0.2)
     if kind == "fineq":
         tables = fineq.ClusterTables(k, group, tokens=3)
     else:

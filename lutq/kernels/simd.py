@@ -409,9 +409,7 @@ def broadcast4_x64(typingctx, arr, index):
 
     def codegen(context, builder, sig, args):
         d = builder.load(_ptr(context, builder, sig.args[0], args[0], args[1], I32), align=1)
-        v = builder.insert_element(ir.Constant(ir.VectorType(I32, 16), ir.Undefined), d, I32(0))
-        v = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 16), [0] * 16))
-        return builder.bitcast(v, i8x64.llvm_type)
+        return builder.bitcast(_splat_value(builder, ir.VectorType(I32, 16), d), i8x64.llvm_type)
 
     return i8x64(arr, index), codegen
 
@@ -435,6 +433,12 @@ def prefetch(typingctx, arr, index):
 
 def _splat(vty, value):
     return ir.Constant(vty, [ir.Constant(vty.element, value)] * vty.count)
+
+
+def _splat_value(builder, vty, value):
+    """A run-time scalar (already of vty's element type) in every lane of vty."""
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), value, I32(0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, vty.count), [0] * vty.count))
 
 
 def _const_vec(vecty):
@@ -502,15 +506,8 @@ def times(typingctx, v, n):
         return None
 
     def codegen(context, builder, sig, args):
-        elem = v.llvm_type.element
-        factor = args[1]
-        if factor.type.width > elem.width:
-            factor = builder.trunc(factor, elem)
-        elif factor.type.width < elem.width:
-            factor = builder.sext(factor, elem)
-        splat = builder.insert_element(ir.Constant(v.llvm_type, ir.Undefined), factor, I32(0))
-        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(I32, v.count), [0] * v.count))
-        return builder.mul(args[0], splat)
+        factor = context.cast(builder, args[1], sig.args[1], getattr(types, f"int{v.bits}"))
+        return builder.mul(args[0], _splat_value(builder, v.llvm_type, factor))
 
     return v(v, n), codegen
 
@@ -520,9 +517,7 @@ def crumbs(typingctx, v, c):
     """(v >> 2c) & 3 per byte: the c-th 2-bit code of every byte."""
 
     def codegen(context, builder, sig, args):
-        shift = builder.trunc(args[1], I8)
-        sv = builder.insert_element(ir.Constant(i8x64.llvm_type, ir.Undefined), shift, I32(0))
-        sv = builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, 64), [0] * 64))
+        sv = _splat_value(builder, i8x64.llvm_type, builder.trunc(args[1], I8))
         return builder.and_(builder.lshr(args[0], builder.add(sv, sv)), _splat(i8x64.llvm_type, 3))
 
     return i8x64(v, c), codegen
@@ -634,9 +629,7 @@ def _splat_f32_codegen(vec):
     """Codegen of a splat: the scalar argument (any number type, converted to f32) in every lane of vec."""
 
     def codegen(context, builder, sig, args):
-        s32 = context.cast(builder, args[0], sig.args[0], types.float32)
-        sv = builder.insert_element(ir.Constant(vec.llvm_type, ir.Undefined), s32, I32(0))
-        return builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(I32, vec.count), [0] * vec.count))
+        return _splat_value(builder, vec.llvm_type, context.cast(builder, args[0], sig.args[0], types.float32))
 
     return codegen
 
