@@ -12,7 +12,7 @@ from lutq.quantize import gptq
 from lutq.quantize.gptq import Hessian, block_gram, block_rhs, gptq_codes, gptq_quantize, grid_for, output_error
 from lutq.quantize.registry import get_format
 
-FORMATS = ("int2", "int3", "int4", "int2k", "int3k", "int4k", "nf2", "nf3", "nf4")
+FORMATS = ("int2", "int3", "int4", "int2k", "int3k", "int4k", "nf2", "nf3", "nf4", "nf2k", "nf3k", "nf4k")
 
 
 def correlated_inputs(n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -116,7 +116,7 @@ def test_refit_is_least_squares_in_output_error(name):
     for r in range(m):
         if name == "nf3":
             a = design(grid.cb[codes[r]], g)
-            got = grid.scales[r].astype(np.float64)
+            got = grid.s[r]
         else:
             a = np.hstack([design(codes[r].astype(np.float64), g), design(np.ones(k), g)])
             got = np.concatenate([grid.s[r], grid.b[r]])

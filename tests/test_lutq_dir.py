@@ -16,7 +16,7 @@ from lutq.quantize import get_format
 from lutq.quantize.convert import QuantizeOptions, quantize_checkpoint
 from lutq.quantize.rules import parse_rules
 
-ALL_FORMATS = ["int2", "int3", "int4", "int2k", "int3k", "int4k", "nf2", "nf3", "nf4", "ternary", "ternary-group", "fineq", "int8"]
+ALL_FORMATS = ["int2", "int3", "int4", "int2k", "int3k", "int4k", "nf2", "nf3", "nf4", "nf2k", "nf3k", "nf4k", "ternary", "ternary-group", "fineq", "int8"]
 
 
 def quantize(src, out, fmt="int4", group_size=32, **kw):

@@ -6,7 +6,8 @@ What each format can represent (docs/FORMAT.md, "Edge cases"):
   or of c/127 for int8, to fp16; values below fp16's smallest subnormal flush to zero), both with and without the
   scale search, and groups are independent: an outlier changes nothing outside its own group.
 - int2k/3k/4k/6k put every group's scale on one 8-bit grid per tensor (step = the largest scale / 255): a constant
-  group comes back within max|W| / 255 (plus fp16 rounding), all-zero groups exactly.
+  group comes back within max|W| / 255 (plus fp16 rounding), all-zero groups exactly. nf2k/3k/4k alike, their
+  signed codes on a step of the largest |scale| / 127: within max|W| / 254.
 - ternary has one scale per tensor: constant groups of one magnitude (±c and 0) come back exactly (the scale is fp32),
   several magnitudes cannot; the error is never above ||W|| (all-zero is always a candidate).
 - fineq has no zero level in its normal mode (mid-rise grids) and groups of whole clusters of 3, which straddle the
@@ -31,7 +32,7 @@ from lutq.quantize.rules import parse_rules
 from test_cli import assert_clean_error, lutq
 
 GROUPWISE = ["int2", "int3", "int4", "int6", "nf2", "nf3", "nf4", "ternary-group", "int8"]
-QUANTIZED_PARAMS = ["int2k", "int3k", "int4k", "int6k"]
+QUANTIZED_PARAMS = ["int2k", "int3k", "int4k", "int6k", "nf2k", "nf3k", "nf4k"]
 CONSTANTS = [0.0, 0.5, -3.0, 6e4, -6e4, 65504.0, 1e-8, -1e-8, 1e-5, 7.0, 1e-3]
 FP16_REL, FP16_TINY = 2.0**-11, 2.0**-25  # half an fp16 ulp, relative; half the smallest subnormal, absolute
 
@@ -68,12 +69,12 @@ def test_all_zero_matrix_is_exactly_zero(name, refine):
 @pytest.mark.parametrize("refine", [True, False])
 @pytest.mark.parametrize("name", GROUPWISE + QUANTIZED_PARAMS)
 def test_constant_groups_come_back_to_fp16_precision(name, refine, g):
-    """Within fp16 rounding; the int-k formats within one step of their per-tensor 8-bit grid too (max|W| / 255)."""
+    """Within fp16 rounding; the k formats within half a step of their per-tensor 8-bit grid too."""
     w = constant_blocks(g)
     p = get_format(name).quantize(w, g, refine)
     w_hat = dequantize(p)
     assert finite(p, w_hat)
-    grid = np.abs(w).max() / 255 if name in QUANTIZED_PARAMS else 0.0
+    grid = np.abs(w).max() / (254 if name.startswith("nf") else 255) if name in QUANTIZED_PARAMS else 0.0
     assert np.all(np.abs(w_hat - w) <= grid + fp16_tolerance(w, 127 if name == "int8" else 1)), name
     assert not w_hat[w == 0].any()
 

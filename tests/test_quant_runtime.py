@@ -16,7 +16,7 @@ from lutq.runtime.linear import DenseLinear
 from lutq.runtime.model import load_model
 from lutq.runtime.quant_linear import FusedLinear, QuantLinear, TablePool
 
-FORMATS = ["int2", "int3", "int4", "int4k", "nf2", "nf3", "nf4", "ternary", "ternary-group", "fineq"]
+FORMATS = ["int2", "int3", "int4", "int4k", "nf2", "nf3", "nf4", "nf3k", "ternary", "ternary-group", "fineq"]
 
 
 def quantized(src, out, rules: str, group: int = 32):

@@ -12,16 +12,16 @@ from lutq.quantize import FORMATS, dequantize, get_format
 from lutq.quantize import fineq
 from lutq.quantize.nf import normal_float_codebook
 
-LINEAR_FORMATS = ["int2", "int3", "int4", "int6", "int2k", "int3k", "int4k", "int6k", "nf2", "nf3", "nf4", "ternary", "ternary-group", "fineq", "int8"]
+LINEAR_FORMATS = ["int2", "int3", "int4", "int6", "int2k", "int3k", "int4k", "int6k", "nf2", "nf3", "nf4", "nf2k", "nf3k", "nf4k", "ternary", "ternary-group", "fineq", "int8"]
 
 # Upper bounds on the relative squared error ||W - W_hat||^2 / ||W||^2 with the scale search on, G = 64
 # (measured values are 10-15% below these).
 BOUNDS = {
     "gauss": {"int2": 0.12, "int3": 0.032, "int4": 0.008, "int2k": 0.12, "int3k": 0.032, "int4k": 0.008,
-              "int6": 6e-4, "int6k": 6e-4, "nf2": 0.165, "nf3": 0.036, "nf4": 0.008, "ternary": 0.22,
+              "int6": 6e-4, "int6k": 6e-4, "nf2": 0.165, "nf3": 0.036, "nf4": 0.008, "nf2k": 0.165, "nf3k": 0.036, "nf4k": 0.008, "ternary": 0.22,
               "ternary-group": 0.21, "fineq": 0.066, "int8": 4e-5},
     "heavy": {"int2": 0.18, "int3": 0.064, "int4": 0.0185, "int2k": 0.18, "int3k": 0.064, "int4k": 0.0185,
-              "int6": 1.5e-3, "int6k": 1.5e-3, "nf2": 0.215, "nf3": 0.066, "nf4": 0.019, "ternary": 0.6,
+              "int6": 1.5e-3, "int6k": 1.5e-3, "nf2": 0.215, "nf3": 0.066, "nf4": 0.019, "nf2k": 0.215, "nf3k": 0.066, "nf4k": 0.019, "ternary": 0.6,
               "ternary-group": 0.28, "fineq": 0.16, "int8": 2e-4},
 }
 
@@ -74,7 +74,8 @@ def test_group_sizes_and_metadata(name, group_size):
     assert p.format == name and p.shape == (64, 576) and p.group_size == group_size
     params = "scale_codes" if name.endswith("k") else "scales"
     assert p.arrays[params].shape == (64, 576 // group_size)
-    assert p.arrays[params].dtype == (np.uint8 if name.endswith("k") else np.float16)
+    code_type = np.int8 if name.startswith("nf") else np.uint8  # nf scales can be negative
+    assert p.arrays[params].dtype == (code_type if name.endswith("k") else np.float16)
     assert abs(p.bits_per_weight - get_format(name).nominal_bits(group_size)) < 0.02
     assert p.nbytes == get_format(name).stored_bytes(64, 576, group_size)
 
@@ -152,6 +153,33 @@ def test_quantized_params_cost_little_and_halve_parameter_bits(bits, data):
     err_k, err_32, err_64 = rel_mse(f"int{bits}k", w, 32), rel_mse(f"int{bits}", w, 32), rel_mse(f"int{bits}", w, 64)
     # 8-bit parameter codes cost more at 6 bits: the zero point's grid step is a quarter of a code step there
     assert err_k < (1.05 if bits < 6 else 1.2) * err_32 and err_k < err_64
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("data", ["gauss", "heavy"])
+def test_nf_quantized_scales_cost_little_and_halve_scale_bits(bits, data):
+    """nf<B>k at G = 32 stores as many bits as nf<B> at G = 64 and keeps nearly the G = 32 accuracy (the planted
+    outliers stretch the per-tensor scale grid most: nf4k then loses 7% of nf4's G = 32 accuracy)."""
+    w = DATA[data]
+    k, plain = get_format(f"nf{bits}k"), get_format(f"nf{bits}")
+    assert k.nominal_bits(32) == plain.nominal_bits(64)
+    assert k.stored_bytes(256, 384, 32) == plain.stored_bytes(256, 384, 64) + 4  # + the f32 scale step
+    err_k, err_32, err_64 = rel_mse(f"nf{bits}k", w, 32), rel_mse(f"nf{bits}", w, 32), rel_mse(f"nf{bits}", w, 64)
+    assert err_k < 1.1 * err_32 and err_k < err_64
+
+
+def test_nf_quantized_scales_expand_to_what_dequantize_uses():
+    """nf3k: the stored signed scale codes, expanded by the documented formula, rebuild dequantize() exactly, and
+    the search uses negative scales (the lopsided codebook mirrored)."""
+    w = DATA["heavy"]
+    p = get_format("nf3k").quantize(w, 32)
+    a = p.arrays
+    assert a["scale_codes"].dtype == np.int8 and (a["scale_codes"] < 0).any()
+    assert np.abs(a["scale_codes"]).max() == 127  # the largest scale sets the step
+    scales = (a["scale_step"][0] * a["scale_codes"].astype(np.float32)).astype(np.float16).astype(np.float32)
+    q = get_format("nf3k").codes(p).reshape(256, -1, 32)
+    want = normal_float_codebook(3)[q] * scales[..., None]
+    np.testing.assert_array_equal(dequantize(p), want.reshape(w.shape))
 
 
 def test_quantized_params_expand_to_what_dequantize_uses():

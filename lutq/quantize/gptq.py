@@ -134,40 +134,62 @@ class UniformGrid:
 
 
 class NormalFloatGrid:
-    """nf2/3/4: per group W = s codebook[q]."""
+    """nf2/3/4 and their k variants: per group W = s codebook[q]; for the k variants s comes from an 8-bit code on a
+    per-tensor scale step, fixed before the sweep from the original weights."""
 
     def __init__(self, fmt: nf.NormalFloatFormat, w: np.ndarray, group_size: int, refine: bool):
         self.fmt, self.refine = fmt, refine
         self.cb = fmt.codebook.astype(np.float64)
-        self.scales = np.zeros((w.shape[0], w.shape[1] // group_size), np.float16)
+        m, ng = w.shape[0], w.shape[1] // group_size
+        if fmt.quantized_params:
+            self.step = fmt.scale_step(w, group_size, refine)
+            self.params = {"scale_codes": np.zeros((m, ng), np.int8), "scale_step": np.array([self.step], np.float32)}
+        else:
+            self.params = {"scales": np.zeros((m, ng), np.float16)}
+        self.s = np.zeros((m, ng))  # each group's scale, f64 (fp16 values)
 
     def fit(self, g: int, x: np.ndarray) -> None:
-        self.scales[:, g], _ = nf.fit_groups(x, self.fmt.codebook, self.refine)
+        s, _ = nf.fit_groups(x, self.fmt.codebook, self.refine)
+        if self.fmt.quantized_params:
+            c, _ = nf.fit_scale_codes(x, s, self.step, self.fmt.codebook, self.refine)
+            self.params["scale_codes"][:, g] = c
+            s = nf.expand_scales(c, self.step)
+        else:
+            self.params["scales"][:, g] = s
+        self.s[:, g] = s
 
     def round(self, g: int, col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s = self.scales[:, g].astype(np.float64)
+        s = self.s[:, g]
         q = nf.codes_for(col[:, None], s, self.cb)[:, 0]
         return q, s * self.cb[q]
 
     def values(self, q: np.ndarray, group_size: int) -> np.ndarray:
-        return np.repeat(self.scales.astype(np.float64), group_size, axis=1) * self.cb[q]
+        return np.repeat(self.s, group_size, axis=1) * self.cb[q]
 
     def refit(self, q: np.ndarray, w: np.ndarray, h: np.ndarray, group_size: int) -> None:
         """Every row's scales re-solved by least squares of tr(dW H dW^T) for the codes q (one unknown per group,
-        coupled across groups by H), rounded to fp16 (gptq_quantize keeps each row's best across rounds)."""
+        coupled across groups by H), rounded to fp16 or to the nearest 8-bit code (gptq_quantize keeps each row's
+        best across rounds)."""
         c = self.cb[q]
-        s = ridge_solve(block_gram(c, c, h, group_size), block_rhs(c, w.astype(np.float64) @ h, group_size),
-                        self.scales.astype(np.float64))
-        self.scales = to_f16(s).astype(np.float16)
+        s = ridge_solve(block_gram(c, c, h, group_size), block_rhs(c, w.astype(np.float64) @ h, group_size), self.s)
+        if self.fmt.quantized_params:
+            codes = nf.scale_codes_near(s, self.step)
+            self.s = nf.expand_scales(codes, self.step).astype(np.float64)
+            self.params["scale_codes"] = codes.astype(np.int8)
+        else:
+            self.s = to_f16(s)
+            self.params["scales"] = self.s.astype(np.float16)
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"scales": self.scales}
+        """The per-row arrays of the grid ([M, K/G] each), for keeping each row's best."""
+        return {"s": self.s, **{n: a for n, a in self.params.items() if n != "scale_step"}}
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
-        self.scales = state["scales"]
+        self.s = state["s"]
+        self.params.update({n: a for n, a in state.items() if n != "s"})
 
     def pack(self, q: np.ndarray, group_size: int) -> PackedTensor:
-        return self.fmt.pack(q, group_size, self.scales)
+        return self.fmt.pack(q, group_size, self.params)
 
 
 def grid_for(fmt, w: np.ndarray, group_size: int, refine: bool):

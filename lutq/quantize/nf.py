@@ -16,6 +16,17 @@ Plain rounding uses the absmax scale (the group's largest |w| lands on ±1). The
 both signs (the codebook is lopsided: a negative scale mirrors it, so a group whose heavy side is negative gets the
 denser half of the codebook there), fits the weighted least-squares scale for each candidate's codes, runs a few
 Lloyd rounds, rounds to fp16, and keeps per group the better of that and absmax.
+
+nf2k / nf3k / nf4k store the same codebook with 8-bit scales (double quantization, as int<B>k does), so a group
+costs 8 bits of parameters instead of 16 and G = 32 fits where G = 64 did (nf3k:32 and nf3:64: 3.25 bits/weight):
+
+    scale = fp16(scale_step * scale_codes[m, g])          scale_codes i8 in [-127, 127], scale_step f32 per tensor
+
+Signed codes, because the search may choose a negative scale. scale_step = (the tensor's largest |scale|) / 127, so
+no group clips. Each group's code is the nearest to its searched scale or one either side, or the plain absmax
+code: with the search on, whichever has the least |w|-weighted error on the grid (so it never loses to plain
+rounding there); without it, the absmax code. On SmolLM2 the 8-bit scales cost nf3 G = 32 at most 0.002 of relative
+weight error (0.165-0.168, as with fp16 scales), where G = 64 has 0.180-0.186 (models.md).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from lutq.quantize.packed import (PackedTensor, check_shape, for_row_chunks, imp
                                   weighted_error)
 
 OFFSET = (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16)) / 2  # QLoRA's 0.9677...
+SCALE_CODE_MAX = 127  # the k variants' signed 8-bit scale codes
 SCALE_GRID = np.linspace(0.55, 1.0, 16)  # candidate scale / absmax
 LLOYD_ROUNDS = 3
 
@@ -97,6 +109,52 @@ def fit_groups(x: np.ndarray, codebook: np.ndarray, refine: bool):
     return np.where(better, s, s0), np.where(better[:, None], q, q0)
 
 
+def scale_step(scales: np.ndarray) -> float:
+    """The k variants' per-tensor step for groups' fitted scales (any shape): the largest |scale| over the codes."""
+    peak = float(np.abs(np.asarray(scales, np.float64)).max(initial=0.0))
+    return float(np.float32(peak / SCALE_CODE_MAX))
+
+
+def expand_scales(scale_codes: np.ndarray, step: float) -> np.ndarray:
+    """Scales f32 (fp16 values) from the k variants' codes."""
+    return (np.float32(step) * scale_codes.astype(np.float32)).astype(np.float16).astype(np.float32)
+
+
+def scale_codes_near(s: np.ndarray, step: float) -> np.ndarray:
+    """The nearest scale codes f64 to scales s f64 (all zero when the step is: an all-zero tensor)."""
+    if step <= 0:
+        return np.zeros_like(s)
+    return np.clip(np.rint(s / step), -SCALE_CODE_MAX, SCALE_CODE_MAX)
+
+
+def fit_scale_codes(x: np.ndarray, s: np.ndarray, step: float, codebook: np.ndarray, refine: bool):
+    """Groups x f64[N, G] with fitted scales s f64[N] -> (scale codes f64[N], codes u8[N, G]) on the grid of `step`:
+    without refine the absmax scale's nearest code; with it the best by |w|-weighted error of that, the code nearest
+    to s and its two neighbours."""
+    cb = codebook.astype(np.float64)
+    plain = scale_codes_near(to_f16(np.abs(x).max(axis=1)), step)
+    if not refine:
+        return plain, codes_for(x, expand_scales(plain, step).astype(np.float64), cb)
+    wt = importance(x)
+    near = scale_codes_near(s, step)
+    best_err, best_c = np.full(len(x), np.inf), plain
+    for c in (plain, near, np.clip(near - 1, -SCALE_CODE_MAX, SCALE_CODE_MAX),
+              np.clip(near + 1, -SCALE_CODE_MAX, SCALE_CODE_MAX)):
+        v = expand_scales(c, step).astype(np.float64)
+        err = weighted_error(x, v[:, None] * np.take(cb, codes_for(x, v, cb)), wt)
+        better = err < best_err
+        best_err, best_c = np.where(better, err, best_err), np.where(better, c, best_c)
+    return best_c, codes_for(x, expand_scales(best_c, step).astype(np.float64), cb)
+
+
+def group_scales(p: PackedTensor) -> np.ndarray:
+    """Scales f32[M, K/G] of a stored nf tensor: fp16 as stored, or expanded from the k variants' codes."""
+    a = p.arrays
+    if "scales" in a:
+        return np.asarray(a["scales"], np.float32)
+    return expand_scales(np.asarray(a["scale_codes"]), float(np.asarray(a["scale_step"])[0]))
+
+
 def codes_for(x: np.ndarray, s: np.ndarray, cb: np.ndarray) -> np.ndarray:
     """Nearest codes of x f64[N, G] at scales s f64[N] (a zero scale codes everything as level 0's neighbour)."""
     return nearest(x / np.where(s == 0, 1.0, s)[:, None], cb)
@@ -122,18 +180,26 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
 class NormalFloatFormat:
     family = "nf"
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, quantized_params: bool = False):
         self.bits = bits
-        self.name = f"nf{bits}"
+        self.quantized_params = quantized_params  # the nf<B>k variant: 8-bit scale codes
+        self.name = f"nf{bits}k" if quantized_params else f"nf{bits}"
         self.codebook = normal_float_codebook(bits)
 
+    @property
+    def param_bits(self) -> int:
+        return 8 if self.quantized_params else 16  # per group: the scale
+
     def nominal_bits(self, group_size: int) -> float:
-        return self.bits + 16 / group_size  # codes + one fp16 scale per group
+        return self.bits + self.param_bits / group_size  # codes + one scale per group
 
     def stored_bytes(self, m: int, k: int, group_size: int) -> int:
-        return padded_rows(m) * k * self.bits // 8 + 2 * m * (k // group_size) + 4 * len(self.codebook)
+        extra = 4 if self.quantized_params else 0  # the f32 scale_step
+        return (padded_rows(m) * k * self.bits // 8 + self.param_bits // 8 * m * (k // group_size)
+                + 4 * len(self.codebook) + extra)
 
-    def quantize(self, w: np.ndarray, group_size: int = 64, refine: bool = True) -> PackedTensor:
+    def fit_tensor(self, w: np.ndarray, group_size: int, refine: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Every group's fitted fp16 scale and codes: (codes u8[M, K], scales f16[M, K/G])."""
         m, k = check_shape(w, group_size)
         ng = k // group_size
         q = np.empty((m, k), np.uint8)
@@ -145,17 +211,44 @@ class NormalFloatFormat:
             scales[rows] = s.reshape(-1, ng)
 
         for_row_chunks(m, k, fit)
-        return self.pack(q, group_size, scales)
+        return q, scales
 
-    def pack(self, q: np.ndarray, group_size: int, scales: np.ndarray) -> PackedTensor:
-        """The stored tensor from codes u8[M, K] and scales f16[M, K/G]: the one place its arrays and metadata are
-        put together, for plain rounding and GPTQ alike."""
+    def scale_step(self, w: np.ndarray, group_size: int, refine: bool) -> float:
+        """The k variants' per-tensor scale step for w: what quantize stores as scale_step."""
+        return scale_step(self.fit_tensor(w, group_size, refine)[1])
+
+    def quantize(self, w: np.ndarray, group_size: int = 64, refine: bool = True) -> PackedTensor:
+        m, k = check_shape(w, group_size)
+        ng = k // group_size
+        q, scales = self.fit_tensor(w, group_size, refine)
+        if not self.quantized_params:
+            return self.pack(q, group_size, {"scales": scales})
+
+        # Second pass: the step spans the whole tensor, so it is known only once every group is fitted.
+        step = scale_step(scales)
+        scale_codes = np.empty((m, ng), np.int8)
+
+        def requantize(rows: slice) -> None:
+            x = w[rows].astype(np.float64).reshape(-1, group_size)
+            c, codes = fit_scale_codes(x, scales[rows].astype(np.float64).ravel(), step, self.codebook, refine)
+            q[rows] = codes.reshape(-1, k)
+            scale_codes[rows] = c.reshape(-1, ng)
+
+        for_row_chunks(m, k, requantize)
+        return self.pack(q, group_size, {"scale_codes": scale_codes, "scale_step": np.array([step], np.float32)})
+
+    def pack(self, q: np.ndarray, group_size: int, params: dict[str, np.ndarray]) -> PackedTensor:
+        """The stored tensor from codes u8[M, K] and its scales (f16[M, K/G] "scales", or the k variants'
+        "scale_codes" i8[M, K/G] and "scale_step" f32[1]): the one place its arrays and metadata are put together,
+        for plain rounding and GPTQ alike."""
         m, k = q.shape
         scheme = layout_of(self.bits)
         version = LAYOUT_VERSIONS[scheme]
         meta = {"format": self.name, "bits": self.bits, "group_size": group_size, "shape": [m, k],
                 "layout": scheme, "layout_version": version}
-        arrays = {"codes": pack_codes(q, self.bits), "scales": scales, "codebook": self.codebook.copy()}
+        if self.quantized_params:
+            meta["param_bits"] = 8
+        arrays = {"codes": pack_codes(q, self.bits), **params, "codebook": self.codebook.copy()}
         return PackedTensor(arrays, meta)
 
     def stored_arrays(self, meta: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -171,8 +264,13 @@ class NormalFloatFormat:
             codes = (padded_rows(m) // 32, k // 16, 3, 64)
         else:
             codes = (padded_rows(m) // 32, k // 8, self.bits, 32)
-        return {"codes": (np.dtype(np.uint8), codes), "scales": (np.dtype(np.float16), (m, k // g)),
-                "codebook": (np.dtype(np.float32), (1 << self.bits,))}
+        arrays = {"codes": (np.dtype(np.uint8), codes), "codebook": (np.dtype(np.float32), (1 << self.bits,))}
+        if self.quantized_params:
+            if meta.get("param_bits") != 8:
+                raise ValueError(f"param_bits {meta.get('param_bits')!r}, but {self.name} stores 8-bit scale codes")
+            return {**arrays, "scale_codes": (np.dtype(np.int8), (m, k // g)),
+                    "scale_step": (np.dtype(np.float32), (1,))}
+        return {**arrays, "scales": (np.dtype(np.float16), (m, k // g))}
 
     def codes(self, p: PackedTensor) -> np.ndarray:
         m, k = p.shape
@@ -188,5 +286,5 @@ class NormalFloatFormat:
         m, k = p.shape
         g = p.group_size
         w = np.asarray(p.arrays["codebook"], np.float32)[self.codes(p)].reshape(m, k // g, g)
-        w *= np.asarray(p.arrays["scales"], np.float32)[..., None]  # in place: no temporary the size of W
+        w *= group_scales(p)[..., None]  # in place: no temporary the size of W
         return w.reshape(m, k)

@@ -16,6 +16,7 @@ FORMATS = {f.name: f for f in (
     UniformFormat(2), UniformFormat(3), UniformFormat(4), UniformFormat(6),
     *(UniformFormat(bits, quantized_params=True) for bits in (2, 3, 4, 6)),
     NormalFloatFormat(2), NormalFloatFormat(3), NormalFloatFormat(4),
+    *(NormalFloatFormat(bits, quantized_params=True) for bits in (2, 3, 4)),
     TernaryFormat(per_group=False), TernaryFormat(per_group=True),
     FineQFormat(),
     Int8Format(),

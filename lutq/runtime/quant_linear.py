@@ -25,6 +25,7 @@ from lutq.kernels import fineq as fq_kernels
 from lutq.kernels import lut
 from lutq.kernels.layout import TILE_M, pack_group_params, pack_group_scales, unpack_bitserial
 from lutq.quantize import fineq as fineq_layout
+from lutq.quantize.nf import group_scales as nf_group_scales
 from lutq.quantize.nf import pack_codes
 from lutq.quantize.packed import PackedTensor
 from lutq.quantize.registry import dequantize
@@ -34,7 +35,8 @@ from lutq.runtime.linear import DenseLinear
 BITSERIAL = {"int2": 2, "int3": 3, "int4": 4, "int6": 6, "int2k": 2, "int3k": 3, "int4k": 4, "int6k": 6, "ternary": 2,
              "ternary-group": 2}
 # nf formats -> the table kind of their kernel: nf3's pair tables, else a codebook table per activation (pair)
-NF_TABLE_KINDS = {"nf2": "cb", "nf3": "pair", "nf4": "cb"}
+NF_TABLE_KINDS = {"nf2": "cb", "nf3": "pair", "nf4": "cb"}  # the k variants (8-bit scale codes) share their kernels
+NF_TABLE_KINDS.update({name + "k": kind for name, kind in NF_TABLE_KINDS.items()})
 
 
 class TablePool:
@@ -86,7 +88,7 @@ class QuantLinear:
             self.bits = BITSERIAL[p.format]
             self.table_key = ("pm", k, self.group)
         elif p.format in NF_TABLE_KINDS:
-            self.params = pack_group_scales(np.asarray(a["scales"], np.float32))
+            self.params = pack_group_scales(nf_group_scales(p))
             codebook = np.ascontiguousarray(a["codebook"], np.float32)
             if p.meta.get("layout") == "bitserial":  # written before the nf formats stored their own layouts
                 self.codes = pack_codes(unpack_bitserial(self.codes, p.bits, m, k), p.bits)  # repacked (nf4: slow)
@@ -103,9 +105,9 @@ class QuantLinear:
         """The format's kernel over tables into out (bind: and return call(out) for reruns, lut.run_tiles)."""
         if self.format in BITSERIAL:
             return lut.gemv_bitserial(self.codes, self.params, self.bits, tables, out, bind=bind)
-        if self.format in ("nf2", "nf4"):  # nf2: the same kernel on pair codes and tables per activation pair
+        if self.format in ("nf2", "nf4", "nf2k", "nf4k"):  # nf2: the same kernel on pair codes and tables per activation pair
             return cb_kernels.gemv_nf4(self.codes, self.params, tables, out, bind=bind)
-        if self.format == "nf3":
+        if self.format in ("nf3", "nf3k"):
             return cb_kernels.gemv_nf3(self.codes, self.params, tables, out, bind=bind)
         return fq_kernels.gemv_fineq(self.codes, self.params, tables, out, bind=bind)
 
@@ -215,6 +217,6 @@ class FusedLinear:
 def make_linear(p: PackedTensor, bias: np.ndarray | None, pool: TablePool):
     """The fastest layer for a PackedTensor: its LUT kernel, or dequantized fp32 where it has none."""
     fmt = p.format
-    if fmt in BITSERIAL or fmt in ("nf2", "nf3", "nf4", "fineq"):
+    if fmt in BITSERIAL or fmt in NF_TABLE_KINDS or fmt == "fineq":
         return QuantLinear(p, bias, pool)
     return DenseLinear(dequantize(p), bias)
