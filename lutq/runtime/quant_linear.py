@@ -105,10 +105,9 @@ class QuantLinear:
         """The format's kernel over tables into out (bind: and return call(out) for reruns, lut.run_tiles)."""
         if self.format in BITSERIAL:
             return lut.gemv_bitserial(self.codes, self.params, self.bits, tables, out, bind=bind)
-        if self.format in ("nf2", "nf4", "nf2k", "nf4k"):  # nf2: the same kernel on pair codes and tables per activation pair
-            return cb_kernels.gemv_nf4(self.codes, self.params, tables, out, bind=bind)
-        if self.format in ("nf3", "nf3k"):
-            return cb_kernels.gemv_nf3(self.codes, self.params, tables, out, bind=bind)
+        if self.format in NF_TABLE_KINDS:  # nf2: nf4's kernel on pair codes and tables per activation pair
+            kernel = cb_kernels.gemv_nf3 if NF_TABLE_KINDS[self.format] == "pair" else cb_kernels.gemv_nf4
+            return kernel(self.codes, self.params, tables, out, bind=bind)
         return fq_kernels.gemv_fineq(self.codes, self.params, tables, out, bind=bind)
 
     def run(self, tables, out: np.ndarray) -> None:
