@@ -6,6 +6,7 @@ Heavy modules (numpy, numba, transformers) are imported inside the commands, so 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -270,6 +271,9 @@ def quantize(
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Round with GPTQ for these inputs: 'self' "
                                               "(text the model writes itself, 8192 tokens, cached; 'self:TOKENS' for "
                                               "another count) or a UTF-8 text file ('PATH[:TOKENS]')."),
+    calibration_seed: Optional[int] = typer.Option(None, "--calibration-seed", help="With --calibration self: the "
+                                                   "seed of the text the model writes (default 0). Another seed gives "
+                                                   "another text: whether a result holds beyond one text."),
     rotate: bool = typer.Option(False, "--rotate", help="First turn the residual stream (and each head's values) by "
                                 "a seeded orthogonal matrix, with the norms folded in: an exactly equivalent model "
                                 "with fewer outlier weights (QuaRot). Llama-family models; a tied lm_head becomes its "
@@ -305,6 +309,12 @@ def quantize(
         from lutq.quantize.calibration import parse_calibration
 
         options.calibration = parse_calibration(calibration)
+    if calibration_seed is not None:
+        if options.calibration is None or not options.calibration.is_self:
+            raise LutqError("--calibration-seed needs --calibration self (it seeds the text the model writes itself)")
+        if calibration_seed < 0:
+            raise LutqError(f"--calibration-seed must be >= 0, got {calibration_seed}")
+        options.calibration = dataclasses.replace(options.calibration, seed=calibration_seed)
     if rotate:
         from lutq.quantize.rotate import KINDS, RotationSpec
 

@@ -207,6 +207,33 @@ def test_parse_calibration(tmp_path):
             parse_calibration(str(bad))
 
 
+def test_calibration_seed(tiny, tmp_path):
+    """--calibration-seed picks another self-generated text (recorded in config.json); it needs --calibration self."""
+    from test_cli import assert_clean_error, lutq
+
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    seeds = {}
+    for seed in (None, 3):
+        out = tmp_path / f"seed{seed}"
+        extra = [] if seed is None else ["--calibration-seed", str(seed)]
+        res = lutq("quantize", tiny, out, "--format", "int3k", "-g", "32", "--calibration", "self:300", "--threads",
+                   "1", "--json", *extra, env=env)
+        assert res.returncode == 0, res.stderr
+        seeds[seed] = json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]["seed"]
+    assert seeds == {None: 0, 3: 3}
+    texts = [np.load(d / "ids.npy") for d in (tmp_path / "cache" / "lutq" / "calibration").iterdir()]
+    assert len(texts) == 2 and not np.array_equal(*texts)  # two texts, both kept in the cache
+
+    text = tmp_path / "calib.txt"
+    text.write_text("some text " * 50)
+    for extra, needle in ((["--calibration-seed", "1"], "--calibration self"),
+                          (["--calibration", str(text), "--calibration-seed", "1"], "--calibration self"),
+                          (["--calibration", "self", "--calibration-seed", "-1"], "-1")):
+        res = lutq("quantize", tiny, tmp_path / "never", "--format", "int4", *extra, env=env)
+        assert_clean_error(res, "--calibration-seed", needle)
+    assert not (tmp_path / "never").exists()
+
+
 def test_quantize_with_calibration(tiny, tmp_path):
     """--calibration FILE end to end, with rules and with the bits budget: GPTQ lowers the output error."""
     from test_cli import assert_clean_error, lutq

@@ -4,9 +4,10 @@ SOURCE is
 - `self` or `self:TOKENS` (default 8192 tokens): text the fp model writes itself, data-free as in LLM-QAT (Liu et al.
   2023): each sequence starts from a random ordinary token, continues greedily for GREEDY_START tokens (a random
   token alone is no context), then samples at temperature 1 from the full distribution, special tokens masked so
-  no sequence ends early. Seeded, so the same model gives the same ids; they are kept under the cache home
-  (`${XDG_CACHE_HOME:-~/.cache}/lutq/calibration/<key>`), keyed by the source files' identity (path, size, mtime)
-  and the generation's settings, so a second quantize of the same model does not generate again.
+  no sequence ends early. Seeded (`--calibration-seed`, default 0), so the same model and seed give the same ids;
+  they are kept under the cache home (`${XDG_CACHE_HOME:-~/.cache}/lutq/calibration/<key>`), keyed by the source
+  files' identity (path, size, mtime) and the generation's settings, so a second quantize of the same model does
+  not generate again.
 - `PATH` or `PATH:TOKENS`: the first TOKENS (default 8192) tokens of a UTF-8 text file.
 
 Either way the tokens are cut into windows of WINDOW tokens (the model's context if shorter), each run from an empty

@@ -259,6 +259,8 @@ def quantize_checkpoint(ckpt: Checkpoint, out: Path, options: QuantizeOptions, f
             windows = calibration_windows(ckpt, options.calibration)
             opts["calibration"] = {"source": options.calibration.spec, "tokens": int(windows.size),
                                    "sequential": options.sequential}
+            if options.calibration.is_self:
+                opts["calibration"]["seed"] = options.calibration.seed
             hessians = LayerHessians(ckpt, windows, options.sequential)
         extra_head = LM_HEAD in plan and not ckpt.has(LM_HEAD)
         jobs = [(t.name, t.name, t.shape) for t in infos]  # (name written, name read, shape)
